@@ -1,0 +1,80 @@
+"""optimize(): module transforms → torch.compile(backend=ZyBackend(recipe)) → OptimizedModel."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from zycompile.backend import ZyBackend
+from zycompile.passes import get_pass_class
+from zycompile.recipe import Recipe, load_recipe
+from zycompile.report import CompileReport
+
+
+class OptimizedModel:
+    """The model compiled by a recipe. Call it like the model; ``generate`` runs the static-cache runtime."""
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, tokenizer: Any = None):
+        self.model = model
+        self.recipe = recipe
+        self.tokenizer = tokenizer
+        self.backend = ZyBackend(recipe)
+        self.compiled = torch.compile(model, backend=self.backend, dynamic=False)
+        self._generator = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.compiled(*args, **kwargs)
+
+    def compile_report(self) -> CompileReport:
+        return self.backend.report
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def generate(self, prompts: Any, **kwargs: Any):
+        """Static-cache generation (see zycompile.runtime.generate)."""
+        if self._generator is None:
+            from zycompile.runtime.generate import Generator
+
+            self._generator = Generator(self)
+        return self._generator.generate(prompts, **kwargs)
+
+
+def optimize(
+    model: torch.nn.Module | str | None = None,
+    recipe: str | os.PathLike | Mapping | Recipe | None = None,
+    *,
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+    tokenizer: Any = None,
+) -> OptimizedModel:
+    """Compile ``model`` (a module, a model source name, or None for the recipe's ``model.source``)."""
+    recipe = load_recipe(recipe, overrides)
+    if model is None or isinstance(model, str):
+        from zycompile.models import load_model
+
+        loaded = load_model(model or recipe.model.source, recipe.model.dtype)
+        model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
+    _allow_bucket_recompiles(recipe)
+    model.eval()
+    for spec in recipe.passes:
+        get_pass_class(spec.name).prepare(model, spec.options)
+    return OptimizedModel(model, recipe, tokenizer)
+
+
+def _allow_bucket_recompiles(recipe: Recipe) -> None:
+    """One graph per prefill bucket and per batch bucket is by design; don't let Dynamo give up early."""
+    need = (
+        len(recipe.runtime.prefill_buckets) * len(recipe.runtime.batch_buckets)
+        + len(recipe.runtime.batch_buckets)
+        + 8
+    )
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < need:
+        setattr(cfg, name, need)

@@ -1,0 +1,54 @@
+"""``zycompile::attention``: the one attention op every later pass (tree attention, ...) targets.
+
+Shapes: q ``[B, Hq, Tq, D]``, k ``[B, Hkv, Tk, D]``, v ``[B, Hkv, Tk, Dv]``; Hq a multiple of Hkv
+(GQA/MQA handled inside, no repeat_kv copies). ``mask`` is boolean (True = attend) or additive,
+broadcastable to ``[B, Hq, Tq, Tk]``. ``causal`` is bottom-right aligned: query i sees keys
+j <= i + (Tk - Tq), which is what a KV cache needs and equals SDPA's rule when Tq == Tk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.library.custom_op("zycompile::attention", mutates_args=())
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
+) -> torch.Tensor:
+    tq, tk = q.shape[-2], k.shape[-2]
+    if causal and tq != tk:
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+        mask = keep if mask is None else _and_masks(mask, keep, q.dtype)
+        causal = False
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
+    ).contiguous()
+
+
+@attention.register_fake
+def _(q, k, v, mask, scale, causal):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _and_masks(mask: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
+def reference_attention(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
+    """Plain math attention (fp32 softmax) for tests: the definition the op must match."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    tq, tk = q.shape[-2], k.shape[-2]
+    if causal:
+        keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+        s = s.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    return (s.softmax(-1) @ v.float()).to(q.dtype)

@@ -1,0 +1,63 @@
+"""Graph surgery helpers: fake-tensor metadata for new nodes, dead-node cleanup."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_map
+
+from zycompile.passes.base import meta_val
+
+
+def _fake_mode(vals):
+    # The mode the recorded values live in (Dynamo hands backends a fresh TracingContext mode, so
+    # detect_fake_mode() would pick the wrong one).
+    return next((v.fake_mode for v in vals if isinstance(v, FakeTensor)), None)
+
+
+def _meta_key(node: torch.fx.Node) -> str:
+    for inp in node.all_input_nodes:
+        if "val" in inp.meta:
+            return "val"
+    return "example_value"
+
+
+def propagate_meta(node: torch.fx.Node) -> None:
+    """Run ``node`` on the fake tensors of its inputs and record the result, as Dynamo/AOT would."""
+    fake_mode = _fake_mode(meta_val(n) for n in node.all_input_nodes)
+    if fake_mode is None:
+        return
+    args, kwargs = tree_map(
+        lambda a: meta_val(a) if isinstance(a, torch.fx.Node) else a, (node.args, node.kwargs)
+    )
+    with fake_mode:
+        if node.op == "call_function":
+            out = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            return
+    node.meta[_meta_key(node)] = out
+
+
+def fake_of(gm: torch.fx.GraphModule, tensor: torch.Tensor) -> torch.Tensor | None:
+    """A fake tensor for a real one, in the graph's fake mode (for get_attr nodes we add)."""
+    fake_mode = _fake_mode(meta_val(n) for n in gm.graph.nodes if n.op == "placeholder")
+    return None if fake_mode is None else fake_mode.from_tensor(tensor, static_shapes=True)
+
+
+def erase_if_dead(nodes: Iterable[torch.fx.Node]) -> None:
+    """Erase the given nodes, and inputs that become unused, when nothing reads them and they are pure."""
+    work = [n for n in nodes if isinstance(n, torch.fx.Node)]
+    while work:
+        node = work.pop()
+        if node.op not in ("call_function", "call_method") or node.users or node.is_impure():
+            continue
+        if getattr(node, "_erased", False):
+            continue
+        inputs = node.all_input_nodes
+        node.graph.erase_node(node)
+        work.extend(inputs)

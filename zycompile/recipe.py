@@ -1,0 +1,316 @@
+"""Recipes: one YAML file per model drives the whole pipeline.
+
+YAML is read with ``yaml.safe_load`` into frozen dataclasses (``typed.build``); every bad input is one
+``RecipeError`` naming the file, the key path, the bad value and what is allowed. ``--set a.b=v``
+overrides are applied to the raw mapping before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from zycompile import typed
+from zycompile.errors import RecipeError
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+DEFAULT_RECIPE = "smollm2-135m"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    source: str = "smollm2-135m-instruct"
+    dtype: DTypeName = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelSection:
+    mode: Literal["none", "tp", "tsp"] = "none"
+    degree: int = 1
+
+    def check(self):
+        if self.degree < 1:
+            yield "degree", f"got {self.degree!r}; expected an integer >= 1"
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    name: str
+    options: Any  # the pass's own frozen Options dataclass
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweringSection:
+    backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    mode: Literal["default", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # Inductor config patches
+
+    def check(self):
+        import torch._inductor.config as inductor_config
+
+        known = set(inductor_config._config.keys()) if hasattr(inductor_config, "_config") else set()
+        for key in self.options:
+            if known and key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                yield f"options.{key}", f"unknown key '{key}': not an option of torch._inductor.config{hint}"
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSection:
+    max_seq_len: int = 2048
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
+    prefill_buckets: tuple[int, ...] = (16, 64, 256)
+    graphs: Literal["auto", "on", "off"] = "auto"
+    threads: int | None = None
+
+    def check(self):
+        if self.max_seq_len < 2:
+            yield "max_seq_len", f"got {self.max_seq_len!r}; expected an integer >= 2"
+        for key in ("batch_buckets", "prefill_buckets"):
+            vals = getattr(self, key)
+            if not vals:
+                yield key, "got an empty list; expected at least one bucket"
+            elif any(v < 1 for v in vals) or list(vals) != sorted(set(vals)):
+                yield key, f"got {list(vals)!r}; expected positive integers in strictly increasing order"
+        if self.prefill_buckets and self.prefill_buckets[-1] > self.max_seq_len:
+            yield (
+                "prefill_buckets",
+                (
+                    f"got {list(self.prefill_buckets)!r}; every bucket must be <= runtime.max_seq_len "
+                    f"({self.max_seq_len})"
+                ),
+            )
+        if self.threads is not None and self.threads < 1:
+            yield "threads", f"got {self.threads!r}; expected an integer >= 1 or null"
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugSection:
+    dump_dir: str | None = None
+    strict: bool = False  # a pass that matches nothing where it should is an error, not a warning
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    passes: tuple[PassSpec, ...] = ()
+    lowering: LoweringSection = dataclasses.field(default_factory=LoweringSection)
+    runtime: RuntimeSection = dataclasses.field(default_factory=RuntimeSection)
+    debug: DebugSection = dataclasses.field(default_factory=DebugSection)
+    source_file: str | None = dataclasses.field(default=None, compare=False)
+
+    def to_dict(self) -> dict:
+        d = typed.to_plain(self)
+        d.pop("source_file")
+        d["passes"] = [{"name": p["name"], **p["options"]} for p in d["passes"]]
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def compute_hash(self) -> str:
+        """Stable across processes and key order: sha256 of the canonical JSON of the resolved recipe."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def pass_spec(self, name: str) -> PassSpec | None:
+        return next((p for p in self.passes if p.name == name), None)
+
+    def validate(self) -> Recipe:
+        """Cross-field rules; each failure is a RecipeError naming the key path."""
+        from zycompile.passes import get_pass_class
+
+        where = self.source_file or "<recipe>"
+        if self.parallel.mode == "none" and self.parallel.degree != 1:
+            typed.fail(
+                where, "parallel.degree", f"got {self.parallel.degree}; parallel.mode 'none' needs degree 1"
+            )
+        if self.parallel.mode != "none" and self.parallel.degree < 2:
+            typed.fail(
+                where,
+                "parallel.degree",
+                f"got {self.parallel.degree}; mode '{self.parallel.mode}' needs >= 2",
+            )
+        seen: set[str] = set()
+        for i, p in enumerate(self.passes):
+            if p.name in seen:
+                typed.fail(
+                    where, f"passes[{i}].name", f"pass '{p.name}' is listed twice; list each pass once"
+                )
+            seen.add(p.name)
+            if get_pass_class(p.name).stage == "post_grad" and self.lowering.backend == "eager":
+                typed.fail(
+                    where,
+                    f"passes[{i}].name",
+                    f"'{p.name}' is a post-grad pass and needs lowering.backend 'aot_eager' or 'inductor' "
+                    "(got 'eager')",
+                )
+        return self
+
+
+def _parse_passes(raw: Any, where: str) -> tuple[PassSpec, ...]:
+    from zycompile.passes import PASS_REGISTRY
+
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        typed.fail(
+            where, "passes", f"got {typed.describe(raw)}; expected a list of {{name: ..., options...}}"
+        )
+    specs = []
+    for i, item in enumerate(raw):
+        path = f"passes[{i}]"
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, Mapping):
+            typed.fail(where, path, f"got {typed.describe(item)}; expected a mapping with a 'name' key")
+        if "name" not in item:
+            typed.fail(where, f"{path}.name", "missing required key")
+        name = item["name"]
+        if not isinstance(name, str) or name not in PASS_REGISTRY:
+            typed.fail(
+                where, f"{path}.name", f"unknown pass {name!r} (allowed: {', '.join(sorted(PASS_REGISTRY))})"
+            )
+        options_cls = PASS_REGISTRY[name].Options
+        opts = typed.build(options_cls, {k: v for k, v in item.items() if k != "name"}, where, path)
+        specs.append(PassSpec(name=name, options=opts))
+    return tuple(specs)
+
+
+def from_dict(data: Any, source_file: str | None = None) -> Recipe:
+    where = source_file or "<recipe>"
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        typed.fail(where, "", f"got {typed.describe(data)}; a recipe is a mapping of sections")
+    data = dict(data)
+    passes = _parse_passes(data.pop("passes", None), where)
+    sections = typed.build(_Sections, data, where)
+    return Recipe(passes=passes, source_file=source_file, **vars(sections)).validate()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sections:
+    """The non-pass sections; ``passes`` is parsed separately because its options depend on the name."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
+    lowering: LoweringSection = dataclasses.field(default_factory=LoweringSection)
+    runtime: RuntimeSection = dataclasses.field(default_factory=RuntimeSection)
+    debug: DebugSection = dataclasses.field(default_factory=DebugSection)
+
+
+def resolve_path(name_or_path: str | os.PathLike) -> Path:
+    """A path, or the name of a shipped recipe (``smollm2-135m`` → recipes/smollm2-135m.yaml)."""
+    p = Path(name_or_path)
+    if p.exists():
+        return p
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    names = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+    raise RecipeError(f"{name_or_path}: recipe file not found (shipped recipes: {', '.join(names)})")
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe file ({e.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise RecipeError(f"{path}: malformed YAML{loc}: {problem}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"override {item!r}: expected KEY.PATH=VALUE (e.g. runtime.max_seq_len=1024)")
+    key, _, raw = item.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not key.strip() or any(not p for p in parts):
+        raise RecipeError(f"override {item!r}: empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: Any, overrides: Iterable[str] | Mapping[str, Any] | None) -> dict:
+    """Apply ``a.b.c=value`` overrides to a raw recipe mapping; ``passes.<name|index>.opt`` reaches pass options."""
+    data = json.loads(json.dumps(data or {}))  # deep copy of plain YAML data
+    if not overrides:
+        return data
+    items = (
+        [(k.split("."), v) for k, v in overrides.items()]
+        if isinstance(overrides, Mapping)
+        else [parse_override(o) for o in overrides]
+    )
+    for parts, value in items:
+        label = ".".join(parts)
+        node: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = _pick_pass(node, part, label)
+                continue
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {label}: '{'.'.join(parts[:depth])}' is not a mapping")
+            node = node.setdefault(part, [] if part == "passes" and depth == 0 else {})
+        last = parts[-1]
+        if isinstance(node, list):
+            raise RecipeError(
+                f"override {label}: set a pass option (passes.<name>.<option>), not a whole pass"
+            )
+        if not isinstance(node, dict):
+            raise RecipeError(f"override {label}: '{'.'.join(parts[:-1])}' is not a mapping")
+        node[last] = value
+    return data
+
+
+def _pick_pass(passes: list, key: str, label: str) -> dict:
+    if key.isdigit():
+        if int(key) >= len(passes):
+            raise RecipeError(f"override {label}: no pass at index {key} (the recipe has {len(passes)})")
+        item = passes[int(key)]
+    else:
+        named = [p for p in passes if (p.get("name") if isinstance(p, dict) else p) == key]
+        if not named:
+            have = [p.get("name") if isinstance(p, dict) else p for p in passes]
+            raise RecipeError(f"override {label}: pass '{key}' is not in the recipe (passes: {have})")
+        item = named[0]
+    if isinstance(item, str):
+        idx = passes.index(item)
+        passes[idx] = item = {"name": item}
+    return item
+
+
+def load_recipe(
+    recipe: str | os.PathLike | Mapping | Recipe | None = None,
+    overrides: Iterable[str] | Mapping[str, Any] | None = None,
+) -> Recipe:
+    """A Recipe from a path, a shipped recipe name, a mapping or a Recipe, with overrides applied."""
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    if isinstance(recipe, Recipe):
+        if not overrides:
+            return recipe
+        return from_dict(apply_overrides(recipe.to_dict(), overrides), recipe.source_file)
+    if isinstance(recipe, Mapping):
+        return from_dict(apply_overrides(recipe, overrides))
+    path = resolve_path(recipe)
+    return from_dict(apply_overrides(read_yaml(path), overrides), str(path))
