@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,22 @@ from zycompile.errors import RecipeError
 DTypeName = Literal["float32", "bfloat16", "float16"]
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 DEFAULT_RECIPE = "smollm2-135m"
+
+
+class _Loader(yaml.SafeLoader):
+    """``safe_load`` with YAML 1.2 booleans: only true/false are bools, so ``graphs: off`` stays 'off'."""
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+_Loader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != _BOOL_TAG]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +193,7 @@ def _parse_passes(raw: Any, where: str) -> tuple[PassSpec, ...]:
         if not isinstance(item, Mapping):
             typed.fail(where, path, f"got {typed.describe(item)}; expected a mapping with a 'name' key")
         if "name" not in item:
-            typed.fail(where, f"{path}.name", "missing required key")
+            typed.fail(where, f"{path}.name", f"missing required key in {typed.describe(dict(item))}")
         name = item["name"]
         if not isinstance(name, str) or name not in PASS_REGISTRY:
             typed.fail(
@@ -195,6 +212,10 @@ def from_dict(data: Any, source_file: str | None = None) -> Recipe:
     if not isinstance(data, Mapping):
         typed.fail(where, "", f"got {typed.describe(data)}; a recipe is a mapping of sections")
     data = dict(data)
+    allowed = [f.name for f in dataclasses.fields(Recipe) if f.init and f.name != "source_file"]
+    for key in data:
+        if key not in allowed:
+            typed.fail(where, str(key), typed.unknown_key_message(str(key), allowed))
     passes = _parse_passes(data.pop("passes", None), where)
     sections = typed.build(_Sections, data, where)
     return Recipe(passes=passes, source_file=source_file, **vars(sections)).validate()
@@ -229,7 +250,7 @@ def read_yaml(path: Path) -> Any:
     except OSError as e:
         raise RecipeError(f"{path}: cannot read recipe file ({e.strerror})") from None
     try:
-        return yaml.safe_load(text)
+        return _safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         loc = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -245,7 +266,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key.strip() or any(not p for p in parts):
         raise RecipeError(f"override {item!r}: empty key path")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return parts, value

@@ -29,7 +29,7 @@ def unknown_key_message(key: str, allowed: typing.Iterable[str]) -> str:
     allowed = sorted(allowed)
     close = difflib.get_close_matches(key, allowed, n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"unknown key '{key}'{hint} (allowed: {', '.join(allowed)})"
+    return f"unknown key '{key}'{hint} (allowed: {', '.join(allowed) or 'none'})"
 
 
 def _type_name(tp: Any) -> str:
