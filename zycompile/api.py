@@ -35,13 +35,17 @@ class OptimizedModel:
     def config(self):
         return self.model.config
 
-    def generate(self, prompts: Any, **kwargs: Any):
-        """Static-cache generation (see zycompile.runtime.generate)."""
+    def generator(self):
+        """The static-cache runtime bound to this model (built on first use)."""
         if self._generator is None:
             from zycompile.runtime.generate import Generator
 
             self._generator = Generator(self)
-        return self._generator.generate(prompts, **kwargs)
+        return self._generator
+
+    def generate(self, prompts: Any, **kwargs: Any):
+        """Generate from strings or token ids; see ``zycompile.runtime.generate.Generator.generate``."""
+        return self.generator().generate(prompts, **kwargs)
 
 
 def optimize(

@@ -1,0 +1,136 @@
+"""Decode benchmark (c=1): HF eager generate vs HF static cache + torch.compile vs zycompile.
+
+One process, same prompts, medians over repeats; MBU against the read bandwidth measured in the
+same run; cold and warm compile times of zycompile. Appends a dated table to bench/RESULTS.md.
+
+    python bench/decode.py                      # SmolLM2 fp32, 5 ShareGPT prompts, 64 new tokens
+    python bench/decode.py --set runtime.max_seq_len=1024 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+from machine import machine_line  # noqa: E402
+
+import zycompile  # noqa: E402
+from zycompile.data import sample_sharegpt  # noqa: E402
+from zycompile.runtime.metrics import (  # noqa: E402
+    kv_bytes_per_token,
+    mbu,
+    measure_read_bandwidth,
+    weight_bytes_per_token,
+)
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def hf_run(model, ids, new_tokens, static: bool) -> tuple[float, float]:
+    """(ttft_s, decode tok/s) for one HF generate; decode rate from a 1-token run subtracted."""
+    kw = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    if static:
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(ids, **{**kw, "min_new_tokens": 1, "max_new_tokens": 1})
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)
+        total = time.perf_counter() - t0
+    return ttft, (new_tokens - 1) / max(total - ttft, 1e-9)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="smollm2-135m")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true", help="zycompile only")
+    ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
+    args = ap.parse_args()
+
+    # Cold compile: a fresh Inductor cache dir, so nothing is reused from earlier runs.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="zy-inductor-"))
+    recipe = zycompile.load_recipe(args.recipe, args.overrides)
+    opt = zycompile.optimize(None, recipe)
+    model, tok = opt.model, opt.tokenizer
+    gen = opt.generator()
+    reqs = sample_sharegpt(tok, args.prompts, seed=0, max_prompt_len=recipe.runtime.prefill_buckets[-1])
+    prompts = [gen.encode(r.prompt)[0] for r in reqs]
+    bw = measure_read_bandwidth("cpu")
+    wbytes = weight_bytes_per_token(model)
+    print(machine_line())
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s; weights read per token {wbytes / 1e6:.0f} MB")
+
+    t0 = time.perf_counter()
+    gen.generate([prompts[0]], max_new_tokens=2, ignore_eos=True)
+    cold = time.perf_counter() - t0
+    torch._dynamo.reset()
+    gen.compiled_step = torch.compile(gen._step, backend=opt.backend, dynamic=False)
+    gen.seen_shapes.clear()
+    t0 = time.perf_counter()
+    gen.generate([prompts[0]], max_new_tokens=2, ignore_eos=True)
+    warm = time.perf_counter() - t0
+    print(f"zycompile compile: cold {cold:.1f}s, warm (Inductor cache) {warm:.1f}s")
+
+    def zy(ids):
+        out = gen.generate([ids], max_new_tokens=args.new_tokens, ignore_eos=True)
+        return out.ttft_s, out.decode_tok_s
+
+    systems = {"zycompile": zy}
+    if not args.skip_hf:
+        systems["HF eager"] = lambda ids: hf_run(model, torch.tensor([ids]), args.new_tokens, static=False)
+        systems["HF static+compile"] = lambda ids: hf_run(
+            model, torch.tensor([ids]), args.new_tokens, static=True
+        )
+    # HF runs use the same (fused-storage) weights: fusion changes layout, not values.
+    rows = {}
+    for name, fn in systems.items():
+        fn(prompts[0])  # warm-up (and compile, for the stock path)
+        ttfts, rates = [], []
+        for _ in range(args.repeats):
+            for ids in prompts:
+                t, r = fn(ids)
+                ttfts.append(t)
+                rates.append(r)
+        ctx = statistics.mean(len(p) for p in prompts) + args.new_tokens / 2
+        per_step = wbytes + kv_bytes_per_token(model.config, ctx, gen.dtype)
+        rate = statistics.median(rates)
+        rows[name] = (statistics.median(ttfts), rate, mbu(per_step, rate, bw))
+        print(
+            f"{name:20s} TTFT {rows[name][0] * 1e3:7.1f} ms  decode {rate:6.1f} tok/s  MBU {rows[name][2]:.0%}"
+        )
+
+    base = rows.get("HF static+compile")
+    lines = [
+        f"\n## decode c=1 — {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"`python bench/decode.py {' '.join(sys.argv[1:])}` — {machine_line()}",
+        f"recipe `{recipe.source_file}` hash {recipe.compute_hash()}; {len(prompts)} ShareGPT prompts × "
+        f"{args.repeats} repeats, {args.new_tokens} new tokens, fp32; read bandwidth {bw / 1e9:.1f} GB/s; "
+        f"zycompile compile cold {cold:.1f} s, warm {warm:.1f} s",
+        "",
+        "| system | TTFT median (ms) | decode tok/s (median) | MBU | vs HF static+compile |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (t, r, m) in rows.items():
+        ratio = f"{r / base[1]:.2f}x" if base else "n/a"
+        lines.append(f"| {name} | {t * 1e3:.0f} | {r:.1f} | {m:.0%} | {ratio} |")
+    print("\n".join(lines))
+    if not args.no_write:
+        with RESULTS.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from zycompile.cli import main
+
+sys.exit(main())

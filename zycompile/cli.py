@@ -1,0 +1,151 @@
+"""The ``zycompile`` command: run | bench | recipe check | recipe show."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from zycompile.errors import ZyError
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--recipe",
+        default="smollm2-135m",
+        help="recipe YAML path or shipped recipe name (default: smollm2-135m)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a recipe value, e.g. --set runtime.max_seq_len=1024 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zycompile",
+        description="Compile Hugging Face causal LMs for fast serving, driven by a recipe.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log compile progress")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="generate text with the compiled model (streams, then prints stats)")
+    _add_recipe_args(run)
+    run.add_argument(
+        "--prompt", required=True, help="the prompt (chat template applied if the model has one)"
+    )
+    run.add_argument("--max-new-tokens", type=int, default=128)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    run.add_argument("--top-k", type=int, default=0, help="0 = off")
+    run.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    run.add_argument("--seed", type=int, default=None)
+    run.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    run.set_defaults(func=cmd_run)
+
+    recipe = sub.add_parser("recipe", help="check or show recipes")
+    rsub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
+    check = rsub.add_parser("check", help="validate recipe files (exit 1 if any is bad)")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    check.set_defaults(func=cmd_recipe_check)
+    show = rsub.add_parser("show", help="print the resolved recipe (defaults filled in) and its hash")
+    show.add_argument("file", metavar="FILE")
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    show.set_defaults(func=cmd_recipe_show)
+
+    try:
+        from zycompile.bench.cli import add_bench_parser
+    except ImportError:  # the serving benchmark lives in its own module
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def cmd_recipe_check(args) -> int:
+    from zycompile.recipe import load_recipe
+
+    bad = 0
+    for f in args.files:
+        try:
+            r = load_recipe(f, args.overrides)
+        except ZyError as e:
+            print(f"FAIL {e}")
+            bad += 1
+        else:
+            print(f"ok   {f} ({len(r.passes)} passes, hash {r.compute_hash()})")
+    return 1 if bad else 0
+
+
+def cmd_recipe_show(args) -> int:
+    from zycompile.recipe import load_recipe
+
+    r = load_recipe(args.file, args.overrides)
+    print(f"# {r.source_file}  hash {r.compute_hash()}")
+    print(r.to_yaml(), end="")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import zycompile
+
+    t0 = time.perf_counter()
+    print(f"[zycompile] loading {args.recipe} ...", file=sys.stderr, flush=True)
+    opt = zycompile.optimize(None, args.recipe, overrides=args.overrides)
+    gen = opt.generator()
+    gen.on_compile = lambda msg: print(f"[zycompile] {msg} ...", file=sys.stderr, flush=True)
+    print(f"[zycompile] model ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+
+    printed = ""
+    toks: list[int] = []
+
+    def stream(_row: int, tok: int) -> None:
+        nonlocal printed
+        toks.append(tok)
+        text = opt.tokenizer.decode(toks, skip_special_tokens=True) if opt.tokenizer else f" {tok}"
+        if opt.tokenizer is None:
+            printed += text
+            print(text, end="", flush=True)
+        elif len(text) > len(printed):
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+
+    out = opt.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat=False if args.no_chat else None,
+        stream=stream,
+    )
+    print()
+    mbu = f", MBU {out.mbu:.0%}" if out.mbu is not None else ""
+    print(
+        f"[zycompile] TTFT {out.ttft_s * 1e3:.0f} ms, decode {out.decode_tok_s:.1f} tok/s "
+        f"({len(out.tokens[0])} tokens){mbu}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except ZyError as e:
+        print(f"zycompile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Prefill then decode over a static KV cache, gpt-fast style: one short step function, compiled from outside.
+
+``step(input_ids [B, T], pos [B, T], last [B]) -> logits [B, V]`` is the only compiled function.
+Shapes are static per (batch bucket, prefill bucket), so the decode graph (T = 1) compiles once per
+batch bucket and never again while generating; prompts longer than the largest prefill bucket are
+prefilled in chunks of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from zycompile.errors import GenerationError
+from zycompile.runtime.kv_cache import StaticKVCache
+from zycompile.runtime.metrics import kv_bytes_per_token, mbu, measure_read_bandwidth, weight_bytes_per_token
+from zycompile.runtime.sampling import SamplingParams, sample
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # new tokens per prompt (stop tokens excluded)
+    texts: list[str] | None
+    prompt_lens: list[int]
+    ttft_s: float
+    decode_s: float
+    decode_steps: int
+    mbu: float | None = None
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Per-sequence decode rate (tokens after the first, per second)."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def bucket_for(n: int, buckets: Sequence[int]) -> int:
+    return next((b for b in buckets if b >= n), buckets[-1])
+
+
+class Generator:
+    def __init__(self, optimized: Any):
+        self.opt = optimized
+        self.model = optimized.model
+        self.recipe = optimized.recipe
+        self.tokenizer = optimized.tokenizer
+        rt = self.recipe.runtime
+        self.max_seq_len = rt.max_seq_len
+        self.batch_buckets, self.prefill_buckets = rt.batch_buckets, rt.prefill_buckets
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = StaticKVCache.for_model(
+            self.model.config, rt.batch_buckets[-1], rt.max_seq_len, self.dtype, self.device
+        )
+        self.decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        self.head = (
+            self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        )
+        target = self.decoder if self._can_split_head() else self.model
+        names = inspect.signature(target.forward).parameters
+        self.cache_kw = "cache" if "cache" in names else "past_key_values"
+        self.compiled_step = torch.compile(self._step, backend=optimized.backend, dynamic=False)
+        self.seen_shapes: set[tuple[int, int]] = set()
+        self.on_compile: Callable[[str], None] | None = None
+        self.bandwidth: float | None = None
+
+    def _can_split_head(self) -> bool:
+        # Gather the last hidden state per row before the LM head (prefill computes V logits for one
+        # token per row, not for the whole bucket). Models that post-process logits keep the full path.
+        cfg = self.model.config
+        return (
+            self.decoder is not None
+            and isinstance(self.head, torch.nn.Linear)
+            and not getattr(cfg, "final_logit_softcapping", None)
+            and getattr(cfg, "logit_scale", None) is None
+        )
+
+    # ---- the compiled step ---------------------------------------------------------------------
+
+    def _step(self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        cache = self.cache
+        cache.write_pos = pos
+        keys = torch.arange(self.max_seq_len, device=pos.device)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, S]: causal per row
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        kwargs = {self.cache_kw: cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
+        if self._can_split_head():
+            hidden = self.decoder(input_ids=input_ids, **kwargs).last_hidden_state
+            return self.head(hidden[rows, last]).float()
+        logits = self.model(input_ids=input_ids, **kwargs).logits
+        return logits[rows, last].float()
+
+    def step(self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        shape = tuple(input_ids.shape)
+        if shape not in self.seen_shapes:
+            self.seen_shapes.add(shape)
+            if self.on_compile:
+                kind = "decode" if shape[1] == 1 else "prefill"
+                self.on_compile(f"compiling {kind} graph for batch {shape[0]} x {shape[1]} tokens")
+        with torch.no_grad():
+            return self.compiled_step(input_ids, pos, last)
+
+    # ---- inputs --------------------------------------------------------------------------------
+
+    def encode(
+        self, prompts: Any, attention_mask: torch.Tensor | None = None, chat: bool | None = None
+    ) -> list[list[int]]:
+        """Strings (chat template applied when the tokenizer has one), token lists, or a padded id tensor."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        if isinstance(prompts, torch.Tensor):
+            ids = prompts if prompts.dim() == 2 else prompts[None]
+            keep = (
+                attention_mask.bool()
+                if attention_mask is not None
+                else torch.ones_like(ids, dtype=torch.bool)
+            )
+            return [row[k].tolist() for row, k in zip(ids, keep)]  # strips left or right padding
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise GenerationError("prompts: expected a string, a list of strings or token lists, or a tensor")
+        out = []
+        for p in prompts:
+            if isinstance(p, str):
+                out.append(self._encode_text(p, chat))
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):
+                out.append(list(p))
+            else:
+                raise GenerationError(f"prompt {p!r:.60}: expected a string or a list of token ids")
+        return out
+
+    def _encode_text(self, text: str, chat: bool | None) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerationError("this model has no tokenizer: pass token ids instead of strings")
+        if not text.strip():
+            raise GenerationError("empty prompt: give at least one non-blank character")
+        use_chat = getattr(self.tokenizer, "chat_template", None) is not None if chat is None else chat
+        if use_chat:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.tokenizer.encode(text)
+
+    def eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            eos = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                ids.update(e for e in eos if isinstance(e, int))
+        return ids
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Any,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | str = (),
+        ignore_eos: bool = False,
+        seed: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        chat: bool | None = None,
+        stream: Callable[[int, int], None] | None = None,
+    ) -> GenerationOutput:
+        params = SamplingParams(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            tuple([stop] if isinstance(stop, str) else stop),
+            ignore_eos,
+            seed,
+        )
+        seqs = self.encode(prompts, attention_mask, chat)
+        for i, s in enumerate(seqs):
+            if not s:
+                raise GenerationError(f"prompt {i} is empty: give at least one token")
+            if len(s) + max_new_tokens > self.max_seq_len:
+                raise GenerationError(
+                    f"prompt {i} has {len(s)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                    f"{len(s) + max_new_tokens} positions but runtime.max_seq_len is {self.max_seq_len}"
+                )
+        cap = self.batch_buckets[-1]
+        outs = [self._generate_group(seqs[i : i + cap], params, stream, i) for i in range(0, len(seqs), cap)]
+        tokens = [t for o in outs for t in o[0]]
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        ttft, decode_s, steps = outs[0][1], sum(o[2] for o in outs), sum(o[3] for o in outs)
+        result = GenerationOutput(tokens, texts, [len(s) for s in seqs], ttft, decode_s, steps)
+        if steps and len(seqs) == 1:
+            result.mbu = self.decode_mbu(result.decode_tok_s, len(seqs[0]) + steps / 2)
+        return result
+
+    def decode_mbu(self, steps_per_s: float, context_len: float, batch: int = 1) -> float:
+        if self.bandwidth is None:
+            self.bandwidth = measure_read_bandwidth(str(self.device.type))
+        per_step = weight_bytes_per_token(self.model) + batch * kv_bytes_per_token(
+            self.model.config, context_len, self.dtype
+        )
+        return mbu(per_step, steps_per_s, self.bandwidth)
+
+    def _generate_group(self, seqs: list[list[int]], params: SamplingParams, stream, offset: int):
+        t0 = time.perf_counter()
+        n = len(seqs)
+        bsz = bucket_for(n, self.batch_buckets)
+        lens = [len(s) for s in seqs] + [1] * (bsz - n)
+        rows = seqs + [[0]] * (bsz - n)
+        gens = [
+            None if params.seed is None else torch.Generator().manual_seed(params.seed + offset + i)
+            for i in range(n)
+        ]
+        logits = self.prefill(rows, lens)
+        new_tok = sample(logits, [params] * n, gens)
+        ttft = time.perf_counter() - t0
+        out: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        eos = set() if params.ignore_eos else self.eos_ids()
+        pos = torch.tensor(lens, dtype=torch.long, device=self.device)
+        steps, t1 = 0, time.perf_counter()
+        for step in range(params.max_new_tokens):
+            toks = new_tok.tolist()
+            for i in range(n):
+                if done[i]:
+                    continue
+                if toks[i] in eos:
+                    done[i] = True
+                    continue
+                out[i].append(toks[i])
+                if stream is not None:
+                    stream(offset + i, toks[i])
+                if len(out[i]) >= params.max_new_tokens or self._hit_stop(out[i], params.stop):
+                    done[i] = True
+            if all(done) or step == params.max_new_tokens - 1:
+                break
+            logits = self.step(new_tok[:, None], (pos + step)[:, None], torch.zeros_like(pos))
+            new_tok = sample(logits, [params] * n, gens)
+            steps += 1
+        decode_s = time.perf_counter() - t1
+        if params.stop and self.tokenizer is not None:
+            out = [self._trim_stop(o, params.stop) for o in out]
+        return out, ttft, decode_s, steps
+
+    def prefill(self, rows: list[list[int]], lens: list[int]) -> torch.Tensor:
+        """Fill the cache with ``rows`` (bucket-padded batch) and return the logits after each row's last token."""
+        bsz, longest = len(rows), max(lens)
+        chunk = bucket_for(longest, self.prefill_buckets)
+        logits = None
+        for start in range(0, longest, chunk):
+            width = bucket_for(min(chunk, longest - start), self.prefill_buckets)
+            ids = torch.zeros(bsz, width, dtype=torch.long)
+            for b, r in enumerate(rows):
+                piece = r[start : start + width]
+                ids[b, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+            pos = (
+                (torch.arange(width) + start).clamp(max=self.max_seq_len - 1).expand(bsz, width).contiguous()
+            )
+            last = torch.tensor([min(max(n - 1 - start, 0), width - 1) for n in lens])
+            out = self.step(ids.to(self.device), pos.to(self.device), last.to(self.device))
+            ends_here = torch.tensor([start <= n - 1 < start + width for n in lens], device=out.device)
+            logits = out if logits is None else torch.where(ends_here[:, None], out, logits)
+        return logits
+
+    def _hit_stop(self, toks: list[int], stop: tuple[str, ...]) -> bool:
+        if not stop or self.tokenizer is None:
+            return False
+        tail = self.tokenizer.decode(toks[-16:], skip_special_tokens=True)
+        return any(s in tail for s in stop)
+
+    def _trim_stop(self, toks: list[int], stop: tuple[str, ...]) -> list[int]:
+        """Drop the tokens that complete a stop string (the stop text is not part of the output)."""
+        text = self.tokenizer.decode(toks, skip_special_tokens=True)
+        if not any(s in text for s in stop):
+            return toks
+        while toks and any(s in self.tokenizer.decode(toks, skip_special_tokens=True) for s in stop):
+            toks = toks[:-1]
+        return toks

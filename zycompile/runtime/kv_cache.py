@@ -1,0 +1,70 @@
+"""Static KV cache: preallocated ``[batch, kv_heads, max_seq_len, head_dim]`` per layer, written in place.
+
+It speaks the one method of HF's ``Cache`` that attention layers call (``update``), so HF model code
+runs on it unchanged. Every row has its own positions: row b's token at position p lives in slot p
+(``write_pos[b, t]``), so prompts of different lengths need no left padding and rows can join and
+leave independently (the batching engine's slots). Sequence sharding across ranks (tree attention)
+maps a global position to (rank, local slot); ``slot_of`` is the single place that mapping lives.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class StaticKVCache:
+    is_compileable = True
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        v_head_dim: int | None = None,
+    ):
+        self.batch, self.max_seq_len = batch, max_seq_len
+        shape_k = (batch, kv_heads, max_seq_len, head_dim)
+        shape_v = (batch, kv_heads, max_seq_len, v_head_dim or head_dim)
+        self.keys = [torch.zeros(shape_k, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape_v, dtype=dtype, device=device) for _ in range(num_layers)]
+        for t in (*self.keys, *self.values):
+            torch._dynamo.mark_static_address(t)  # fixed addresses: no recompiles, CUDA-graph friendly
+        self.write_pos: torch.Tensor | None = None  # [B, T] positions of the tokens of the current step
+
+    @classmethod
+    def for_model(
+        cls, config, batch: int, max_seq_len: int, dtype: torch.dtype, device="cpu"
+    ) -> StaticKVCache:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        heads = text.num_attention_heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(text.num_hidden_layers, batch, kv_heads, max_seq_len, head_dim, dtype, device)
+
+    def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
+        return pos
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write this step's K/V at ``write_pos`` and return the cache rows the step attends over."""
+        b = key_states.shape[0]
+        rows = torch.arange(b, device=key_states.device)[:, None]
+        slots = self.slot_of(self.write_pos)
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        # x[rows, :, slots] has shape [B, T, H, D]: heads move behind the advanced indices.
+        k[rows, :, slots] = key_states.transpose(1, 2).to(k.dtype)
+        v[rows, :, slots] = value_states.transpose(1, 2).to(v.dtype)
+        return k[:b], v[:b]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are passed explicitly; HF never needs to infer them from us
+
+    def reset(self) -> None:
+        for t in (*self.keys, *self.values):
+            t.zero_()
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
