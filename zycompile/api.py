@@ -66,6 +66,7 @@ def optimize(
         torch.set_num_threads(recipe.runtime.threads)
     _allow_bucket_recompiles(recipe)
     model.eval()
+    model.requires_grad_(False)  # a serving compile: weights are constants, autograd never records
     for spec in recipe.passes:
         get_pass_class(spec.name).prepare(model, spec.options)
     return OptimizedModel(model, recipe, tokenizer)

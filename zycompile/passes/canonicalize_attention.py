@@ -59,10 +59,17 @@ class CanonicalizeAttentionPass(GraphPass):
             if found is None:
                 continue
             q, k, v, mask, scale, causal, dead = found
+            if any(getattr(meta_val(n), "requires_grad", False) for n in (q, k, v, mask)):
+                # zycompile::attention has no autograd formula: AOT would fail tracing the backward.
+                notes.append(f"{node.name}: autograd is recording; zycompile::attention is inference only")
+                continue
+            # Only k/v are un-repeated (the op broadcasts kv heads, never q heads), and only when both
+            # come back with the same head count.
+            k_src, v_src = _unrepeat(k), _unrepeat(v)
+            if meta_val(k_src).shape[1] != meta_val(v_src).shape[1]:
+                k_src, v_src = k, v
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(
-                    ATTENTION_OP, (_unrepeat(q), _unrepeat(k), _unrepeat(v), mask, float(scale), causal)
-                )
+                new = gm.graph.call_function(ATTENTION_OP, (q, k_src, v_src, mask, float(scale), causal))
             propagate_meta(new)
             node.replace_all_uses_with(new)
             erase_if_dead([node, *dead, k, v])

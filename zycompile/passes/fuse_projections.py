@@ -22,6 +22,7 @@ Writes to the parameters (``load_state_dict``) reach the fused buffer too. Infer
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections import defaultdict
 
@@ -34,6 +35,7 @@ from zycompile.passes.base import GraphPass, PassResult
 from zycompile.passes.fx_util import fake_of, propagate_meta
 
 LINEAR = (F.linear, torch._C._nn.linear)
+log = logging.getLogger("zycompile")
 
 
 @register_pass
@@ -152,19 +154,32 @@ def _refusal(weights, biases, tensors, grad_ok: bool = False) -> str | None:
     return None
 
 
+def _k_major(t: torch.Tensor) -> bool:
+    """A 2-D weight stored transposed (``weight_layout``): stride (1, ld) with ld >= rows."""
+    return t.dim() == 2 and t.stride(0) == 1 and t.shape[1] > 1 and t.stride(1) >= t.shape[0]
+
+
 def storage_view(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The tensor spanning adjacent ``parts`` (dim 0), sharing their storage."""
+    """The tensor spanning adjacent ``parts`` along dim 0, sharing their storage (either layout)."""
     first = parts[0]
     shape = (sum(p.shape[0] for p in parts), *first.shape[1:])
     return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape, first.stride())
 
 
 def fuse_storage(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Lay ``parts`` back to back in one new buffer; each becomes a view of it (one copy in memory)."""
+    """Lay ``parts`` back to back (dim 0) in one new buffer; each becomes a view of it (one copy in memory).
+
+    Row-major parts are stacked; K-major parts (``weight_layout``) are stacked as columns of one
+    K-major buffer, so the fused weight keeps the layout the GEMV streams fastest.
+    """
     if _adjacent(parts):
         return storage_view(parts)
+    k_major = all(_k_major(p) for p in parts)
     with torch.no_grad():
-        fused = torch.cat([p.detach() for p in parts], dim=0)
+        if k_major:
+            fused = torch.cat([p.detach().t() for p in parts], dim=1).t()  # [N, K] view of a [K, N] buffer
+        else:
+            fused = torch.cat([p.detach() for p in parts], dim=0)
     offset = 0
     for p in parts:
         p.data = fused[offset : offset + p.shape[0]]
@@ -196,7 +211,14 @@ def prepare_model(model: torch.nn.Module) -> int:
     device = next(model.parameters()).device
     example = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device), "use_cache": False}
     groups = 0
-    for mods in sibling_linears(model, example):
+    try:
+        siblings = sibling_linears(model, example)
+    except Exception as e:  # not an HF-style causal LM forward: nothing is laid out, the pass will say so
+        log.warning(
+            "fuse_projections: probe forward failed (%s: %s); weights left as they are", type(e).__name__, e
+        )
+        return 0
+    for mods in siblings:
         weights = [m.weight for m in mods]
         biases = [m.bias for m in mods]
         if _refusal(weights, biases, {b: b for b in biases if b is not None}, grad_ok=True):
@@ -209,15 +231,21 @@ def prepare_model(model: torch.nn.Module) -> int:
 
 
 def _adjacent(parts: list[torch.Tensor]) -> bool:
-    """True when ``parts`` already lie back to back, contiguous, in one storage (fused by an earlier graph)."""
-    if not all(p.is_contiguous() for p in parts):
-        return False
+    """True when ``parts`` lie back to back along dim 0 in one storage (laid out by ``prepare``)."""
     ptr = parts[0].untyped_storage().data_ptr()
     offset = parts[0].storage_offset()
+    if all(p.is_contiguous() for p in parts):
+        step = lambda p: p.numel()  # noqa: E731
+    elif all(_k_major(p) and p.stride() == parts[0].stride() for p in parts):
+        if parts[0].stride(1) != sum(p.shape[0] for p in parts):
+            return False
+        step = lambda p: p.shape[0]  # noqa: E731
+    else:
+        return False
     for p in parts:
         if p.untyped_storage().data_ptr() != ptr or p.storage_offset() != offset:
             return False
-        offset += p.numel()
+        offset += step(p)
     return True
 
 

@@ -81,9 +81,11 @@ class Generator:
 
     # ---- the compiled step ---------------------------------------------------------------------
 
-    def _step(self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def _step(
+        self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         cache = self.cache
-        cache.write_pos = pos
+        cache.write_pos, cache.rows = pos, rows
         keys = torch.arange(self.max_seq_len, device=pos.device)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, S]: causal per row
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -94,15 +96,18 @@ class Generator:
         logits = self.model(input_ids=input_ids, **kwargs).logits
         return logits[rows, last].float()
 
-    def step(self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        shape = tuple(input_ids.shape)
-        if shape not in self.seen_shapes:
-            self.seen_shapes.add(shape)
+    def step(
+        self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits after token ``last[b]`` of each row; ``rows`` picks cache rows (default 0..B-1)."""
+        key = (*input_ids.shape, rows is None)
+        if key not in self.seen_shapes:
+            self.seen_shapes.add(key)
             if self.on_compile:
-                kind = "decode" if shape[1] == 1 else "prefill"
-                self.on_compile(f"compiling {kind} graph for batch {shape[0]} x {shape[1]} tokens")
+                kind = "decode" if key[1] == 1 else "prefill"
+                self.on_compile(f"compiling {kind} graph for batch {key[0]} x {key[1]} tokens")
         with torch.no_grad():
-            return self.compiled_step(input_ids, pos, last)
+            return self.compiled_step(input_ids, pos, last, rows)
 
     # ---- inputs --------------------------------------------------------------------------------
 
@@ -254,24 +259,34 @@ class Generator:
         return out, ttft, decode_s, steps
 
     def prefill(self, rows: list[list[int]], lens: list[int]) -> torch.Tensor:
-        """Fill the cache with ``rows`` (bucket-padded batch) and return the logits after each row's last token."""
-        bsz, longest = len(rows), max(lens)
+        """Fill cache rows 0..B-1 with ``rows`` (bucket-padded batch); logits after each row's last token."""
+        longest = max(lens)
         chunk = bucket_for(longest, self.prefill_buckets)
         logits = None
         for start in range(0, longest, chunk):
-            width = bucket_for(min(chunk, longest - start), self.prefill_buckets)
-            ids = torch.zeros(bsz, width, dtype=torch.long)
-            for b, r in enumerate(rows):
-                piece = r[start : start + width]
-                ids[b, : len(piece)] = torch.tensor(piece, dtype=torch.long)
-            pos = (
-                (torch.arange(width) + start).clamp(max=self.max_seq_len - 1).expand(bsz, width).contiguous()
-            )
-            last = torch.tensor([min(max(n - 1 - start, 0), width - 1) for n in lens])
-            out = self.step(ids.to(self.device), pos.to(self.device), last.to(self.device))
-            ends_here = torch.tensor([start <= n - 1 < start + width for n in lens], device=out.device)
+            out = self.prefill_chunk(rows, lens, start, min(chunk, longest - start))
+            ends_here = torch.tensor([start <= n - 1 < start + chunk for n in lens], device=out.device)
             logits = out if logits is None else torch.where(ends_here[:, None], out, logits)
         return logits
+
+    def prefill_chunk(
+        self,
+        rows: list[list[int]],
+        lens: list[int],
+        start: int,
+        count: int,
+        cache_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run tokens [start, start + count) of each row (padded to a prefill bucket) through the model."""
+        bsz = len(rows)
+        width = bucket_for(count, self.prefill_buckets)
+        ids = torch.zeros(bsz, width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            piece = r[start : start + min(width, count)]
+            ids[b, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+        pos = (torch.arange(width) + start).clamp(max=self.max_seq_len - 1).expand(bsz, width).contiguous()
+        last = torch.tensor([min(max(n - 1 - start, 0), width - 1) for n in lens])
+        return self.step(ids.to(self.device), pos.to(self.device), last.to(self.device), cache_rows)
 
     def _hit_stop(self, toks: list[int], stop: tuple[str, ...]) -> bool:
         if not stop or self.tokenizer is None:

@@ -34,6 +34,9 @@ class StaticKVCache:
         for t in (*self.keys, *self.values):
             torch._dynamo.mark_static_address(t)  # fixed addresses: no recompiles, CUDA-graph friendly
         self.write_pos: torch.Tensor | None = None  # [B, T] positions of the tokens of the current step
+        # [B] cache rows of the step's sequences, or None for rows 0..B-1 (decode reads them as a view;
+        # the engine's prefill of one request into slot s passes rows=[s] and reads a gathered copy).
+        self.rows: torch.Tensor | None = None
 
     @classmethod
     def for_model(
@@ -51,13 +54,15 @@ class StaticKVCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write this step's K/V at ``write_pos`` and return the cache rows the step attends over."""
         b = key_states.shape[0]
-        rows = torch.arange(b, device=key_states.device)[:, None]
+        rows = torch.arange(b, device=key_states.device) if self.rows is None else self.rows
         slots = self.slot_of(self.write_pos)
         k, v = self.keys[layer_idx], self.values[layer_idx]
         # x[rows, :, slots] has shape [B, T, H, D]: heads move behind the advanced indices.
-        k[rows, :, slots] = key_states.transpose(1, 2).to(k.dtype)
-        v[rows, :, slots] = value_states.transpose(1, 2).to(v.dtype)
-        return k[:b], v[:b]
+        k[rows[:, None], :, slots] = key_states.transpose(1, 2).to(k.dtype)
+        v[rows[:, None], :, slots] = value_states.transpose(1, 2).to(v.dtype)
+        if self.rows is None:
+            return k[:b], v[:b]
+        return k.index_select(0, rows), v.index_select(0, rows)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are passed explicitly; HF never needs to infer them from us

@@ -1,0 +1,172 @@
+"""Continuous batching over the static KV cache's rows (slots).
+
+Each ``step()`` does at most one prefill chunk (of one waiting request, into its slot) and then one
+decode step for every request already decoding, so new requests' prefill interleaves with the
+others' decoding and nobody's tokens stall for a whole long prompt. Requests take the lowest free
+slot; the decode batch is the smallest batch bucket covering the highest busy slot, so there is one
+compiled decode graph per bucket and no recompiles in steady state. A request that cannot run (too
+long, empty, bad sampling parameters) is rejected alone with its error; the others go on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from zycompile.errors import GenerationError
+from zycompile.runtime.generate import Generator, bucket_for
+from zycompile.runtime.sampling import SamplingParams, sample
+
+
+@dataclasses.dataclass
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    id: int = 0
+    arrival: float = 0.0
+    slot: int | None = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    output: list[int] = dataclasses.field(default_factory=list)
+    token_times: list[float] = dataclasses.field(default_factory=list)
+    finish: float | None = None
+    error: str | None = None
+    next_token: int | None = None  # sampled, not yet fed back
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.arrival if self.token_times else None
+
+
+class Engine:
+    def __init__(
+        self,
+        generator: Generator,
+        max_concurrency: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.gen = generator
+        self.slots = generator.cache.batch
+        self.max_concurrency = min(max_concurrency or self.slots, self.slots)
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # slot -> request
+        self.finished: list[Request] = []
+        self.eos = generator.eos_ids()
+        self.decode_steps = 0
+        self._next_id = 0
+
+    # ---- admission -----------------------------------------------------------------------------
+
+    def add_request(
+        self, prompt: Any, params: SamplingParams | None = None, arrival: float | None = None
+    ) -> Request:
+        """Queue a request (token ids or text). Invalid requests come back finished with ``error`` set."""
+        params = params or SamplingParams()
+        req = Request(
+            prompt=[], params=params, id=self._next_id, arrival=self.clock() if arrival is None else arrival
+        )
+        self._next_id += 1
+        try:
+            req.prompt = (
+                prompt
+                if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)
+                else self.gen.encode(prompt)[0]
+            )
+            if not req.prompt:
+                raise GenerationError("empty prompt: give at least one token")
+            need = len(req.prompt) + params.max_new_tokens
+            if need > self.gen.max_seq_len:
+                raise GenerationError(
+                    f"prompt of {len(req.prompt)} tokens + max_new_tokens={params.max_new_tokens} needs {need} "
+                    f"positions; runtime.max_seq_len is {self.gen.max_seq_len}"
+                )
+        except GenerationError as e:
+            req.error, req.finish = str(e), req.arrival
+            self.finished.append(req)
+            return req
+        if params.seed is not None:
+            req.generator = torch.Generator().manual_seed(params.seed)
+        self.waiting.append(req)
+        return req
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_concurrency:
+            slot = min(set(range(self.slots)) - set(self.running))
+            req = self.waiting.popleft()
+            req.slot = slot
+            self.running[slot] = req
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one engine iteration ------------------------------------------------------------------
+
+    def step(self) -> None:
+        self._admit()
+        prefilling = [r for r in self.running.values() if r.prefilled < len(r.prompt)]
+        if prefilling:
+            self._prefill_chunk(min(prefilling, key=lambda r: r.id))
+        decoding = [r for r in self.running.values() if r.next_token is not None and not r.done]
+        if decoding:
+            self._decode(decoding)
+        for slot in [s for s, r in self.running.items() if r.done]:
+            self.finished.append(self.running.pop(slot))
+
+    def _prefill_chunk(self, req: Request) -> None:
+        chunk = self.gen.prefill_buckets[-1]
+        count = min(chunk, len(req.prompt) - req.prefilled)
+        rows = torch.tensor([req.slot], device=self.gen.device)
+        logits = self.gen.prefill_chunk([req.prompt], [len(req.prompt)], req.prefilled, count, rows)
+        req.prefilled += count
+        if req.prefilled == len(req.prompt):
+            tok = sample(logits, [req.params], [req.generator])[0].item()
+            self._emit(req, tok)
+
+    def _decode(self, reqs: list[Request]) -> None:
+        bsz = bucket_for(max(self.running) + 1, self.gen.batch_buckets)
+        ids = torch.zeros(bsz, 1, dtype=torch.long)
+        # Idle rows write at the last position, which no request reads before writing it itself.
+        pos = torch.full((bsz, 1), self.gen.max_seq_len - 1, dtype=torch.long)
+        for r in reqs:
+            ids[r.slot, 0] = r.next_token
+            pos[r.slot, 0] = len(r.prompt) + len(r.output) - 1
+        dev = self.gen.device
+        logits = self.gen.step(ids.to(dev), pos.to(dev), torch.zeros(bsz, dtype=torch.long, device=dev))
+        self.decode_steps += 1
+        params = [SamplingParams()] * bsz
+        gens: list[torch.Generator | None] = [None] * bsz
+        for r in reqs:
+            params[r.slot], gens[r.slot] = r.params, r.generator
+        toks = sample(logits, params, gens).tolist()
+        for r in reqs:
+            self._emit(r, toks[r.slot])
+
+    def _emit(self, req: Request, tok: int) -> None:
+        now = self.clock()
+        if tok in self.eos and not req.params.ignore_eos:
+            req.finish, req.next_token = now, None
+            if not req.token_times:  # EOS as the very first token still ends the first-token wait
+                req.token_times.append(now)
+            return
+        req.output.append(tok)
+        req.token_times.append(now)
+        req.next_token = tok
+        if len(req.output) >= req.params.max_new_tokens or self.gen._hit_stop(req.output, req.params.stop):
+            req.finish = now
+
+    def run(self) -> list[Request]:
+        """Run until every queued request is finished; returns them in id order."""
+        while self.has_work:
+            self.step()
+        return sorted(self.finished, key=lambda r: r.id)
