@@ -17,13 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from machine import machine_line  # noqa: E402
+import torch
 
-import zycompile  # noqa: E402
-from zycompile.data import sample_sharegpt  # noqa: E402
-from zycompile.runtime.metrics import (  # noqa: E402
+import zycompile
+from zycompile.bench.machine import machine_line
+from zycompile.data import sample_sharegpt
+from zycompile.models import load_model
+from zycompile.runtime.metrics import (
     kv_bytes_per_token,
     mbu,
     measure_read_bandwidth,
@@ -89,11 +89,12 @@ def main() -> None:
 
     systems = {"zycompile": zy}
     if not args.skip_hf:
-        systems["HF eager"] = lambda ids: hf_run(model, torch.tensor([ids]), args.new_tokens, static=False)
+        # A pristine copy for the baselines: zycompile re-laid its own model's weights.
+        hf_model = load_model(recipe.model.source, recipe.model.dtype).model
+        systems["HF eager"] = lambda ids: hf_run(hf_model, torch.tensor([ids]), args.new_tokens, static=False)
         systems["HF static+compile"] = lambda ids: hf_run(
-            model, torch.tensor([ids]), args.new_tokens, static=True
+            hf_model, torch.tensor([ids]), args.new_tokens, static=True
         )
-    # HF runs use the same (fused-storage) weights: fusion changes layout, not values.
     rows = {}
     for name, fn in systems.items():
         fn(prompts[0])  # warm-up (and compile, for the stock path)

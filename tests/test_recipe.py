@@ -594,7 +594,12 @@ def test_hash_ignores_key_order_layout_and_file(tmp_path, good):
 
 def test_hash_of_explicit_defaults_equals_omitted(tmp_path):
     explicit = write(tmp_path, (RECIPES_DIR / "smollm2-135m.yaml").read_text(), "explicit.yaml")
-    sparse = write(tmp_path, "passes: [canonicalize_attention, fuse_projections]\n", "sparse.yaml")
+    sparse = write(
+        tmp_path,
+        "passes: [canonicalize_attention, weight_layout, fuse_projections]\n"
+        "lowering: {options: {post_grad_fusion_options: {decompose_mm_pass: {}}}}\n",
+        "sparse.yaml",
+    )
     assert load_recipe(explicit) == load_recipe(sparse)
     assert load_recipe(explicit).compute_hash() == load_recipe(sparse).compute_hash()
 

@@ -189,18 +189,35 @@ def test_plain_torch_compile_does_not_fuse(caplog):
     assert any("fuse_projections" in r.message and "back to back" in r.message for r in caplog.records)
 
 
-def test_autograd_recording_refuses():
-    """Fused weights are graph constants (no grad): with autograd on, the pass leaves the linears alone."""
+def test_optimize_freezes_weights_so_grad_mode_still_fuses():
+    """optimize() is a serving compile: weights stop requiring grad, so grad mode records nothing."""
     model = load_model("tiny:llama").model
     ids = _ids()
     expected = _logits(model, ids)
     opt = zycompile.optimize(model, "llama-tiny", overrides=AOT + ["debug.strict=false"])
+    assert not any(p.requires_grad for p in model.parameters())
     got = opt(input_ids=ids, use_cache=False).logits  # grad mode on
-    torch.testing.assert_close(got.detach(), expected)
+    torch.testing.assert_close(got, expected)
     report = opt.compile_report()
+    assert report.matches("fuse_projections") == 4 and report.matches("canonicalize_attention") == 2
+
+
+def test_autograd_recording_refuses():
+    """With trainable weights and autograd on, both passes leave the graph alone and say why."""
+    model = load_model("tiny:llama").model
+    ids = _ids()
+    expected = _logits(model, ids)
+    recipe = zycompile.load_recipe("llama-tiny", AOT + ["debug.strict=false"])
+    model.eval()
+    from zycompile.passes.fuse_projections import prepare_model
+
+    prepare_model(model)  # weights laid out, but still trainable
+    backend = ZyBackend(recipe)
+    got = torch.compile(model, backend=backend, dynamic=False)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got.detach(), expected)
     for name in ("fuse_projections", "canonicalize_attention"):
-        assert report.matches(name) == 0
-        notes = [n for r in report.passes if r.name == name for n in r.notes]
+        assert backend.report.matches(name) == 0
+        notes = [n for r in backend.report.passes if r.name == name for n in r.notes]
         assert notes and all("autograd is recording" in n for n in notes)
 
 

@@ -17,6 +17,9 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
 ) -> torch.Tensor:
     tq, tk = q.shape[-2], k.shape[-2]
+    if mask is not None and mask.dtype == torch.bool and not causal and q.device.type == "cpu":
+        k, v, mask = _trim_masked_tail(k, v, mask)
+        tk = k.shape[-2]
     if causal and tq != tk:
         keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
         mask = keep if mask is None else _and_masks(mask, keep, q.dtype)
@@ -30,6 +33,19 @@ def attention(
 @attention.register_fake
 def _(q, k, v, mask, scale, causal):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _trim_masked_tail(k, v, mask):
+    """Drop trailing key columns no query may see (a static cache is mostly empty while decoding).
+
+    Masked columns contribute exactly zero, so the result is the same attention; this only skips the
+    reads. Host-side and data-dependent, hence CPU only (a GPU kernel skips empty blocks itself).
+    """
+    cols = mask.reshape(-1, mask.shape[-1]).any(dim=0)
+    n = int(cols.nonzero().max()) + 1 if bool(cols.any()) else mask.shape[-1]
+    if n >= k.shape[-2]:
+        return k, v, mask
+    return k[..., :n, :], v[..., :n, :], mask[..., :n]
 
 
 def _and_masks(mask: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

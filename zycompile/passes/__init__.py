@@ -23,6 +23,10 @@ def get_pass_class(name: str) -> type[GraphPass]:
 
 
 # Importing the modules registers the built-in passes.
-from zycompile.passes import canonicalize_attention, fuse_projections, weight_layout  # noqa: E402,F401
+from zycompile.passes import (  # noqa: E402,F401
+    canonicalize_attention,
+    fuse_projections,
+    weight_layout,
+)
 
 __all__ = ["PASS_REGISTRY", "GraphPass", "PassContext", "PassResult", "get_pass_class", "register_pass"]

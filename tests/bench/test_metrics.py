@@ -1,0 +1,55 @@
+"""Serving metrics on a fake clock, and arrival schedules."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from zycompile.bench.metrics import RequestTiming, summarize, tokens_per_dollar
+from zycompile.bench.workload import arrival_times
+
+
+def test_ttft_tpot_itl_on_a_fake_clock():
+    a = RequestTiming(arrival=0.0, token_times=[0.5, 0.6, 0.7, 0.8], prompt_len=10)
+    b = RequestTiming(arrival=1.0, token_times=[1.2, 1.5], prompt_len=4)
+    assert a.ttft == pytest.approx(0.5) and b.ttft == pytest.approx(0.2)
+    assert a.tpot == pytest.approx(0.1) and b.tpot == pytest.approx(0.3)
+    assert a.output_tok_s == pytest.approx(10.0)
+    m = summarize([a, b])
+    assert m["completed"] == 2 and m["output_tokens"] == 6 and m["input_tokens"] == 14
+    assert m["duration_s"] == pytest.approx(1.5)
+    assert m["output_throughput"] == pytest.approx(4.0)
+    assert m["request_throughput"] == pytest.approx(2 / 1.5)
+    assert m["ttft_mean_ms"] == pytest.approx(350.0) and m["ttft_median_ms"] == pytest.approx(350.0)
+    assert m["tpot_median_ms"] == pytest.approx(200.0)
+    assert m["itl_median_ms"] == pytest.approx(100.0)
+
+
+def test_single_token_request_has_no_tpot():
+    r = RequestTiming(arrival=0.0, token_times=[0.25])
+    assert r.tpot is None and r.output_tok_s is None
+    assert summarize([r])["ttft_median_ms"] == pytest.approx(250.0)
+
+
+def test_tokens_per_dollar():
+    assert tokens_per_dollar(100.0, 3.6) == pytest.approx(100_000.0)
+    assert tokens_per_dollar(100.0, None) is None
+
+
+def test_burst_and_fixed_interval():
+    assert arrival_times(4, "burst", None) == [0.0] * 4
+    assert arrival_times(4, "interval", 2.0) == [0.0, 0.5, 1.0, 1.5]
+
+
+def test_poisson_mean_rate():
+    times = arrival_times(20000, "poisson", 5.0, seed=1)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert statistics.mean(gaps) == pytest.approx(0.2, rel=0.03)
+    assert statistics.pstdev(gaps) == pytest.approx(0.2, rel=0.05)  # exponential: sd == mean
+    assert times == arrival_times(20000, "poisson", 5.0, seed=1)
+
+
+def test_bad_rate():
+    with pytest.raises(ValueError, match="request-rate"):
+        arrival_times(3, "interval", 0.0)

@@ -1,0 +1,111 @@
+"""Benchmark output: the terminal table, results.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def table(results: dict[str, dict[int, dict[str, float]]], concurrencies: list[int]) -> str:
+    """Rows = systems; TTFT and per-request tok/s at c=1, aggregate output tok/s at each c."""
+    head = ["system", "TTFT median c=1 (ms)", "tok/s per request c=1"] + [
+        f"aggregate tok/s c={c}" for c in concurrencies
+    ]
+    rows = [head]
+    for system, by_c in results.items():
+        one = by_c.get(1, {})
+        row = [
+            system,
+            _fmt(one.get("ttft_median_ms")),
+            _fmt(one.get("per_request_tok_s_median")),
+        ] + [_fmt(by_c.get(c, {}).get("output_throughput")) for c in concurrencies]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [
+        "  ".join(cell.rjust(w) if j else cell.ljust(w) for j, (cell, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, dict[int, dict[str, float]]], concurrencies: list[int], header: str) -> str:
+    head = ["system", "TTFT median c=1 (ms)", "tok/s per request c=1"] + [
+        f"aggregate tok/s c={c}" for c in concurrencies
+    ]
+    lines = [header, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for system, by_c in results.items():
+        one = by_c.get(1, {})
+        cells = [system, _fmt(one.get("ttft_median_ms")), _fmt(one.get("per_request_tok_s_median"))]
+        cells += [_fmt(by_c.get(c, {}).get("output_throughput")) for c in concurrencies]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "| system | c | TTFT mean / median / p99 (ms) | TPOT median (ms) | ITL p99 (ms) | req/s | MBU | tokens per $ |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for system, by_c in results.items():
+        for c, m in by_c.items():
+            lines.append(
+                f"| {system} | {c} | {_fmt(m.get('ttft_mean_ms'))} / {_fmt(m.get('ttft_median_ms'))} / "
+                f"{_fmt(m.get('ttft_p99_ms'))} | {_fmt(m.get('tpot_median_ms'))} | {_fmt(m.get('itl_p99_ms'))} | "
+                f"{_fmt(m.get('request_throughput'), 2)} | {_pct(m.get('mbu'))} | {_fmt(m.get('tokens_per_dollar'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(
+    out_dir: Path, payload: dict[str, Any], md: str, timings: dict[str, dict[int, list]]
+) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(payload, indent=2))
+    (out_dir / "report.md").write_text(md)
+    return [out_dir / "results.json", out_dir / "report.md", *plots(out_dir, payload["results"], timings)]
+
+
+def plots(out_dir: Path, results: dict[str, dict[int, dict[str, float]]], timings) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, by_c in results.items():
+        cs = sorted(by_c)
+        ax.plot(cs, [by_c[c]["output_throughput"] for c in cs], marker="o", label=system)
+    ax.set_xlabel("max concurrency")
+    ax.set_ylabel("aggregate output tokens/s")
+    ax.set_title("Throughput vs concurrency")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    p1 = out_dir / "throughput.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, by_c in timings.items():
+        c = min(by_c)
+        ttfts = sorted(t.ttft * 1e3 for t in by_c[c])
+        ax.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=f"{system} (c={c})")
+    ax.set_xlabel("TTFT (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title("TTFT distribution (CDF)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    p2 = out_dir / "ttft.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    if x is None or x != x:
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{x:.0%}"

@@ -1,0 +1,52 @@
+"""Drive the zycompile engine with a timed workload: arrivals on the wall clock, max concurrency c."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import torch
+
+from zycompile.bench.metrics import RequestTiming
+from zycompile.bench.workload import WorkItem
+from zycompile.runtime.engine import Engine
+from zycompile.runtime.generate import Generator, bucket_for
+from zycompile.runtime.sampling import SamplingParams
+
+
+def warmup(gen: Generator, concurrency: int) -> None:
+    """Compile every graph the run can need: each prefill bucket (one request into a slot) and each
+    decode batch bucket up to the one covering ``concurrency`` slots."""
+    dev = gen.device
+    for width in gen.prefill_buckets:
+        gen.prefill_chunk([[1] * width], [width], 0, width, torch.tensor([0], device=dev))
+    top = bucket_for(concurrency, gen.batch_buckets)
+    for b in gen.batch_buckets:
+        if b > top:
+            break
+        pos = torch.full((b, 1), 1, dtype=torch.long, device=dev)
+        gen.step(
+            torch.ones(b, 1, dtype=torch.long, device=dev), pos, torch.zeros(b, dtype=torch.long, device=dev)
+        )
+    gen.cache.reset()
+
+
+def serve(gen: Generator, items: list[WorkItem], concurrency: int) -> tuple[list[RequestTiming], Engine]:
+    engine = Engine(gen, max_concurrency=concurrency)
+    pending = deque(sorted(items, key=lambda it: it.arrival))
+    t0 = time.perf_counter()
+    reqs = []
+    while pending or engine.has_work:
+        now = time.perf_counter() - t0
+        while pending and pending[0].arrival <= now:
+            it = pending.popleft()
+            params = SamplingParams(max_new_tokens=it.output_len, ignore_eos=True)
+            reqs.append(engine.add_request(list(it.prompt_ids), params, arrival=t0 + it.arrival))
+        if engine.has_work:
+            engine.step()
+        elif pending:
+            time.sleep(max(0.0, pending[0].arrival - (time.perf_counter() - t0)))
+    failed = [r for r in reqs if r.error]
+    if failed:
+        raise RuntimeError(f"{len(failed)} benchmark request(s) were rejected; first: {failed[0].error}")
+    return [RequestTiming(r.arrival, r.token_times, len(r.prompt)) for r in reqs], engine
