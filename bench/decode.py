@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import zycompile
+from zycompile.bench.baselines import stock_static_kwargs
 from zycompile.bench.machine import machine_line
 from zycompile.data import sample_sharegpt
 from zycompile.models import load_model
@@ -37,7 +38,7 @@ def hf_run(model, ids, new_tokens, static: bool) -> tuple[float, float]:
     """(ttft_s, decode tok/s) for one HF generate; decode rate from a 1-token run subtracted."""
     kw = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
     if static:
-        kw["cache_implementation"] = "static"
+        kw.update(stock_static_kwargs())
     with torch.no_grad():
         t0 = time.perf_counter()
         model.generate(ids, **{**kw, "min_new_tokens": 1, "max_new_tokens": 1})

@@ -87,6 +87,9 @@ class RuntimeSection:
     max_seq_len: int = 2048
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8)
     prefill_buckets: tuple[int, ...] = (16, 64, 256)
+    # buckets: pad each prompt chunk up to a bucket (one static graph per bucket);
+    # dynamic: one graph with a symbolic length, no padding (largest bucket = chunk size).
+    prefill: Literal["buckets", "dynamic"] = "buckets"
     graphs: Literal["auto", "on", "off"] = "auto"
     threads: int | None = None
 

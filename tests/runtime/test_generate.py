@@ -109,3 +109,12 @@ def test_unknown_model_and_missing_path_are_clear():
         zycompile.optimize("no-such-model", "llama-tiny")
     with pytest.raises(zycompile.ModelLoadError, match="/does/not/exist"):
         zycompile.optimize("/does/not/exist", "llama-tiny")
+
+
+def test_dynamic_prefill_is_one_graph_for_all_lengths():
+    opt = zycompile.optimize("tiny:llama", "llama-tiny", overrides=[*FAST, "runtime.prefill=dynamic"])
+    ref_model = load_model("tiny:llama").model
+    for n in (5, 9, 17, 40):  # 40 > largest bucket (32): two chunks of different lengths
+        p = [(i * 13) % 500 for i in range(n)]
+        assert opt.generate([p], max_new_tokens=6, ignore_eos=True).tokens[0] == _hf_greedy(ref_model, p, 6)
+    assert len(opt.compile_report().graphs) == 2  # one prefill graph (symbolic length) + one decode graph

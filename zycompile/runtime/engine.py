@@ -29,6 +29,7 @@ class Request:
     params: SamplingParams
     id: int = 0
     arrival: float = 0.0
+    admitted: float | None = None  # when it got a slot (a client limited to c in flight sends it then)
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
     output: list[int] = dataclasses.field(default_factory=list)
@@ -103,7 +104,7 @@ class Engine:
         while self.waiting and len(self.running) < self.max_concurrency:
             slot = min(set(range(self.slots)) - set(self.running))
             req = self.waiting.popleft()
-            req.slot = slot
+            req.slot, req.admitted = slot, self.clock()
             self.running[slot] = req
 
     @property

@@ -51,6 +51,7 @@ class Generator:
         rt = self.recipe.runtime
         self.max_seq_len = rt.max_seq_len
         self.batch_buckets, self.prefill_buckets = rt.batch_buckets, rt.prefill_buckets
+        self.dynamic_prefill = rt.prefill == "dynamic"
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = StaticKVCache.for_model(
@@ -100,7 +101,7 @@ class Generator:
         self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits after token ``last[b]`` of each row; ``rows`` picks cache rows (default 0..B-1)."""
-        key = (*input_ids.shape, rows is None)
+        key = (input_ids.shape[0], "dyn" if self.dynamic_prefill and input_ids.shape[1] > 1 else input_ids.shape[1], rows is None)
         if key not in self.seen_shapes:
             self.seen_shapes.add(key)
             if self.on_compile:
@@ -279,14 +280,18 @@ class Generator:
     ) -> torch.Tensor:
         """Run tokens [start, start + count) of each row (padded to a prefill bucket) through the model."""
         bsz = len(rows)
-        width = bucket_for(count, self.prefill_buckets)
+        width = count if self.dynamic_prefill else bucket_for(count, self.prefill_buckets)
         ids = torch.zeros(bsz, width, dtype=torch.long)
         for b, r in enumerate(rows):
             piece = r[start : start + min(width, count)]
             ids[b, : len(piece)] = torch.tensor(piece, dtype=torch.long)
         pos = (torch.arange(width) + start).clamp(max=self.max_seq_len - 1).expand(bsz, width).contiguous()
         last = torch.tensor([min(max(n - 1 - start, 0), width - 1) for n in lens])
-        return self.step(ids.to(self.device), pos.to(self.device), last.to(self.device), cache_rows)
+        ids, pos = ids.to(self.device), pos.to(self.device)
+        if self.dynamic_prefill and width > 1:
+            for t in (ids, pos):  # one graph for every chunk length in [2, largest bucket]
+                torch._dynamo.mark_dynamic(t, 1, min=2, max=self.prefill_buckets[-1])
+        return self.step(ids, pos, last.to(self.device), cache_rows)
 
     def _hit_stop(self, toks: list[int], stop: tuple[str, ...]) -> bool:
         if not stop or self.tokenizer is None:
