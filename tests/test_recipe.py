@@ -597,7 +597,8 @@ def test_hash_of_explicit_defaults_equals_omitted(tmp_path):
     sparse = write(
         tmp_path,
         "passes: [canonicalize_attention, weight_layout, fuse_projections]\n"
-        "lowering: {options: {post_grad_fusion_options: {decompose_mm_pass: {}}}}\n",
+        "lowering: {options: {post_grad_fusion_options: {decompose_mm_pass: {}}}}\n"
+        "runtime: {prefill: dynamic}\n",
         "sparse.yaml",
     )
     assert load_recipe(explicit) == load_recipe(sparse)

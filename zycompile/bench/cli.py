@@ -70,6 +70,8 @@ def cmd_bench(args) -> int:
     cs = sorted(set(args.max_concurrency))
     if cs[0] < 1:
         raise ZyError(f"--max-concurrency: got {cs[0]}; expected integers >= 1")
+    if args.prices and not Path(args.prices).is_file():
+        raise ZyError(f"--prices {args.prices}: file not found (a YAML mapping of machine name to $/hour)")
     prices = yaml.safe_load(Path(args.prices).read_text()) if args.prices else {}
     price = (prices or {}).get(args.price_key)
 
@@ -85,19 +87,14 @@ def cmd_bench(args) -> int:
     gen = opt.generator()
     gen.on_compile = lambda m: log(m)
     tok = opt.tokenizer
-    items = build_workload(
-        tok,
-        lambda text: gen.encode(text)[0],
-        num_prompts=args.num_prompts,
-        seed=args.seed,
-        dataset=args.dataset,
-        input_len=args.input_len,
-        output_len=args.output_len,
-        max_output_len=args.max_output_len,
-        max_prompt_len=min(1024, recipe.runtime.max_seq_len - args.max_output_len),
-        arrival=args.arrival,
-        rate=args.request_rate,
-    )
+    if tok is None and args.dataset != "random":
+        raise ZyError(
+            f"{recipe.model.source} has no tokenizer: use --dataset random --input-len N --output-len M"
+        )
+    try:
+        items = _workload(args, recipe, tok, opt, gen, build_workload)
+    except ValueError as e:
+        raise ZyError(f"workload: {e}") from None
     max_len = max(len(it.prompt_ids) + it.output_len for it in items)
     bandwidth = measure_read_bandwidth(gen.device.type)
     wbytes = weight_bytes_per_token(opt.model)
@@ -120,7 +117,13 @@ def cmd_bench(args) -> int:
         else:
             if hf_model is None:  # a pristine copy: zycompile re-laid its own model's weights
                 hf_model = load_model(recipe.model.source, recipe.model.dtype).model
-            pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            pad = (
+                0
+                if tok is None
+                else tok.pad_token_id
+                if tok.pad_token_id is not None
+                else (tok.eos_token_id or 0)
+            )
             hf = baselines.HFRunner(hf_model, pad, static=system == "hf-static-compile", max_len=max_len)
             for c in cs:
                 log(f"{system}: warm-up at batch {c}" + (" (torch.compile)" if hf.static else ""))
@@ -174,3 +177,19 @@ def cmd_bench(args) -> int:
             f.write("\n" + md)
         log(f"appended to {args.append_results}")
     return 0
+
+
+def _workload(args, recipe, tok, opt, gen, build_workload):
+    return build_workload(
+        tok if tok is not None else opt.model.config.vocab_size,
+        lambda text: gen.encode(text)[0],
+        num_prompts=args.num_prompts,
+        seed=args.seed,
+        dataset=args.dataset,
+        input_len=args.input_len,
+        output_len=args.output_len,
+        max_output_len=args.max_output_len,
+        max_prompt_len=min(1024, recipe.runtime.max_seq_len - args.max_output_len),
+        arrival=args.arrival,
+        rate=args.request_rate,
+    )

@@ -7,39 +7,34 @@ from pathlib import Path
 from typing import Any
 
 
-def table(results: dict[str, dict[int, dict[str, float]]], concurrencies: list[int]) -> str:
-    """Rows = systems; TTFT and per-request tok/s at c=1, aggregate output tok/s at each c."""
-    head = ["system", "TTFT median c=1 (ms)", "tok/s per request c=1"] + [
-        f"aggregate tok/s c={c}" for c in concurrencies
-    ]
-    rows = [head]
+def _summary_rows(
+    results: dict[str, dict[int, dict[str, float]]], concurrencies: list[int]
+) -> list[list[str]]:
+    """Header + one row per system: TTFT and per-request tok/s at c=1, aggregate tok/s at each c."""
+    head = ["system", "TTFT median c=1 (ms)", "tok/s per request c=1"]
+    rows = [head + [f"aggregate tok/s c={c}" for c in concurrencies]]
     for system, by_c in results.items():
         one = by_c.get(1, {})
-        row = [
-            system,
-            _fmt(one.get("ttft_median_ms")),
-            _fmt(one.get("per_request_tok_s_median")),
-        ] + [_fmt(by_c.get(c, {}).get("output_throughput")) for c in concurrencies]
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        cells = [system, _fmt(one.get("ttft_median_ms")), _fmt(one.get("per_request_tok_s_median"))]
+        rows.append(cells + [_fmt(by_c.get(c, {}).get("output_throughput")) for c in concurrencies])
+    return rows
+
+
+def table(results: dict[str, dict[int, dict[str, float]]], concurrencies: list[int]) -> str:
+    """The terminal table, in the seed's shape."""
+    rows = _summary_rows(results, concurrencies)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
-        "  ".join(cell.rjust(w) if j else cell.ljust(w) for j, (cell, w) in enumerate(zip(r, widths)))
-        for r in rows
+        "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in rows
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def markdown(results: dict[str, dict[int, dict[str, float]]], concurrencies: list[int], header: str) -> str:
-    head = ["system", "TTFT median c=1 (ms)", "tok/s per request c=1"] + [
-        f"aggregate tok/s c={c}" for c in concurrencies
-    ]
-    lines = [header, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for system, by_c in results.items():
-        one = by_c.get(1, {})
-        cells = [system, _fmt(one.get("ttft_median_ms")), _fmt(one.get("per_request_tok_s_median"))]
-        cells += [_fmt(by_c.get(c, {}).get("output_throughput")) for c in concurrencies]
-        lines.append("| " + " | ".join(cells) + " |")
+    rows = _summary_rows(results, concurrencies)
+    lines = [header, "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines.append("")
     lines.append(
         "| system | c | TTFT mean / median / p99 (ms) | TPOT median (ms) | ITL p99 (ms) | req/s | MBU | tokens per $ |"
@@ -50,7 +45,7 @@ def markdown(results: dict[str, dict[int, dict[str, float]]], concurrencies: lis
             lines.append(
                 f"| {system} | {c} | {_fmt(m.get('ttft_mean_ms'))} / {_fmt(m.get('ttft_median_ms'))} / "
                 f"{_fmt(m.get('ttft_p99_ms'))} | {_fmt(m.get('tpot_median_ms'))} | {_fmt(m.get('itl_p99_ms'))} | "
-                f"{_fmt(m.get('request_throughput'), 2)} | {_pct(m.get('mbu'))} | {_fmt(m.get('tokens_per_dollar'))} |"
+                f"{_fmt(m.get('request_throughput'), 2)} | {_pct(m.get('mbu'))} | {_fmt(m.get('tokens_per_dollar'), 0)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -70,34 +65,29 @@ def plots(out_dir: Path, results: dict[str, dict[int, dict[str, float]]], timing
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, ax, name: str, xlabel: str, ylabel: str, title: str) -> Path:
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+        return out_dir / name
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for system, by_c in results.items():
         cs = sorted(by_c)
         ax.plot(cs, [by_c[c]["output_throughput"] for c in cs], marker="o", label=system)
-    ax.set_xlabel("max concurrency")
-    ax.set_ylabel("aggregate output tokens/s")
-    ax.set_title("Throughput vs concurrency")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    p1 = out_dir / "throughput.png"
-    fig.savefig(p1, dpi=120)
-    plt.close(fig)
+    p1 = save(
+        fig, ax, "throughput.png", "max concurrency", "aggregate output tokens/s", "Throughput vs concurrency"
+    )
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for system, by_c in timings.items():
         c = min(by_c)
         ttfts = sorted(t.ttft * 1e3 for t in by_c[c])
         ax.plot(ttfts, [(i + 1) / len(ttfts) for i in range(len(ttfts))], label=f"{system} (c={c})")
-    ax.set_xlabel("TTFT (ms)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title("TTFT distribution (CDF)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    p2 = out_dir / "ttft.png"
-    fig.savefig(p2, dpi=120)
-    plt.close(fig)
+    p2 = save(fig, ax, "ttft.png", "TTFT (ms)", "fraction of requests", "TTFT distribution (CDF)")
     return [p1, p2]
 
 

@@ -59,7 +59,7 @@ def build_workload(
     times = arrival_times(len(reqs), arrival, rate, seed)
     items = []
     for r, t in zip(reqs, times):
-        ids = list(r.prompt_token_ids) if dataset == "random" and r.prompt_token_ids else encode(r.prompt)
+        ids = list(r.prompt_token_ids) if dataset == "random" else encode(r.prompt)
         out_len = output_len if output_len else r.output_len
         items.append(WorkItem(tuple(ids), out_len, t))
     return items

@@ -4,7 +4,7 @@ A module transform run by ``zycompile.optimize`` before tracing (``prepare``): e
 weight ``[N, K]`` is re-laid as the transpose of a contiguous ``[K, N]`` buffer
 (``w.data = w.t().contiguous().t()``) — same values, same shape, one copy. ``F.linear`` then calls
 the BLAS GEMM with a non-transposed B, which on this CPU reads a [49152, 576] LM head at ~2x the
-rate of the row-major layout at M=1 (measured by ``bench/gemv_layout.py``). Prefill GEMMs are not
+rate of the row-major layout at M=1 (``bench/gemv_layout.py`` measures it). Prefill GEMMs are not
 slowed. Put it before ``fuse_projections``, which keeps the layout when it fuses.
 
 The graph pass itself changes nothing; it counts the linears that read K-major weights so the

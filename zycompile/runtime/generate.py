@@ -101,7 +101,11 @@ class Generator:
         self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits after token ``last[b]`` of each row; ``rows`` picks cache rows (default 0..B-1)."""
-        key = (input_ids.shape[0], "dyn" if self.dynamic_prefill and input_ids.shape[1] > 1 else input_ids.shape[1], rows is None)
+        key = (
+            input_ids.shape[0],
+            "dyn" if self.dynamic_prefill and input_ids.shape[1] > 1 else input_ids.shape[1],
+            rows is None,
+        )
         if key not in self.seen_shapes:
             self.seen_shapes.add(key)
             if self.on_compile:
