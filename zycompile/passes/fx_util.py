@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from zycompile.passes.base import meta_val
 
@@ -15,7 +15,8 @@ from zycompile.passes.base import meta_val
 def _fake_mode(vals):
     # The mode the recorded values live in (Dynamo hands backends a fresh TracingContext mode, so
     # detect_fake_mode() would pick the wrong one).
-    return next((v.fake_mode for v in vals if isinstance(v, FakeTensor)), None)
+    leaves = (leaf for v in vals for leaf in tree_leaves(v))  # a split's value is a tuple of tensors
+    return next((v.fake_mode for v in leaves if isinstance(v, FakeTensor)), None)
 
 
 def _meta_key(node: torch.fx.Node) -> str:
