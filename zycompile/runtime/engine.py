@@ -163,7 +163,7 @@ class Engine:
         req.output.append(tok)
         req.token_times.append(now)
         req.next_token = tok
-        if len(req.output) >= req.params.max_new_tokens or self.gen._hit_stop(req.output, req.params.stop):
+        if len(req.output) >= req.params.max_new_tokens or self.gen.hit_stop(req.output, req.params.stop):
             req.finish = now
 
     def run(self) -> list[Request]:

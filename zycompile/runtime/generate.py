@@ -251,7 +251,7 @@ class Generator:
                 out[i].append(toks[i])
                 if stream is not None:
                     stream(offset + i, toks[i])
-                if len(out[i]) >= params.max_new_tokens or self._hit_stop(out[i], params.stop):
+                if len(out[i]) >= params.max_new_tokens or self.hit_stop(out[i], params.stop):
                     done[i] = True
             if all(done) or step == params.max_new_tokens - 1:
                 break
@@ -297,7 +297,7 @@ class Generator:
                 torch._dynamo.mark_dynamic(t, 1, min=2, max=self.prefill_buckets[-1])
         return self.step(ids, pos, last.to(self.device), cache_rows)
 
-    def _hit_stop(self, toks: list[int], stop: tuple[str, ...]) -> bool:
+    def hit_stop(self, toks: list[int], stop: tuple[str, ...]) -> bool:
         if not stop or self.tokenizer is None:
             return False
         tail = self.tokenizer.decode(toks[-16:], skip_special_tokens=True)
