@@ -253,7 +253,9 @@ def _add_constant(gm: torch.fx.GraphModule, tensor: torch.Tensor) -> torch.fx.No
     name = f"_zy_fused_{sum(1 for n in gm.graph.nodes if n.op == 'get_attr' and 'fused' in str(n.target))}"
     while hasattr(gm, name):
         name += "_"
-    gm.register_buffer(name, tensor, persistent=False)
+    # Persistent: the non-persistent name *set* pickles in hash-seed order and would make
+    # AOTAutograd's cache key differ between processes.
+    gm.register_buffer(name, tensor)
     if hasattr(gm, "_param_name_to_source"):
         # AOTAutograd maps each lifted Dynamo buffer to its source (for dedup guards); ours is a constant.
         from torch._dynamo.source import ConstantSource
