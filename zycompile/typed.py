@@ -62,12 +62,11 @@ def convert(value: Any, tp: Any, where: str, path: str) -> Any:
             return None
         if len(args) == 1:
             return convert(value, args[0], where, path)
-        errors = []
         for a in args:
             try:
                 return convert(value, a, where, path)
-            except RecipeError as e:
-                errors.append(str(e))
+            except RecipeError:
+                continue
         fail(where, path, f"got {describe(value)}; expected {' or '.join(_type_name(a) for a in args)}")
     if value is None:
         fail(where, path, f"got null; expected {_type_name(tp)}")
