@@ -22,6 +22,7 @@ import torch
 import zycompile
 from zycompile.bench.baselines import stock_static_kwargs
 from zycompile.bench.machine import machine_line
+from zycompile.bench.report import publish
 from zycompile.data import sample_sharegpt
 from zycompile.models import load_model
 from zycompile.runtime.metrics import (
@@ -128,10 +129,7 @@ def main() -> None:
     for name, (t, r, m) in rows.items():
         ratio = f"{r / base[1]:.2f}x" if base else "n/a"
         lines.append(f"| {name} | {t * 1e3:.0f} | {r:.1f} | {m:.0%} | {ratio} |")
-    print("\n".join(lines))
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write("\n".join(lines) + "\n")
+    publish(lines, None if args.no_write else RESULTS)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 import zycompile
 from zycompile.bench.machine import machine_line
+from zycompile.bench.report import publish
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -57,10 +58,7 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {b} | {t * 1e3:.1f} | {b / t:.1f} | {(b / t) / (1 / base):.2f}x |" for b, t in rows]
-    print("\n".join(lines))
-    if not args.no_write:
-        with RESULTS.open("a") as f:
-            f.write("\n".join(lines) + "\n")
+    publish(lines, None if args.no_write else RESULTS)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from zycompile.bench.machine import machine_line
+from zycompile.bench.report import publish
 from zycompile.runtime.metrics import measure_read_bandwidth
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -59,10 +60,7 @@ def main() -> None:
         f"| K-major (weight_layout) | {t_k * 1e3:.1f} | {nbytes / t_k / 1e9:.1f} | {head_k * 1e3:.2f} |",
         f"| speedup | {t_row / t_k:.2f}x | | {head_row / head_k:.2f}x |",
     ]
-    print("\n".join(lines))
-    if "--no-write" not in sys.argv:
-        with RESULTS.open("a") as f:
-            f.write("\n".join(lines) + "\n")
+    publish(lines, None if "--no-write" in sys.argv else RESULTS)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ def markdown(results: dict[str, dict[int, dict[str, float]]], concurrencies: lis
     return "\n".join(lines) + "\n"
 
 
+def publish(lines: list[str], results_md: Path | None) -> None:
+    """Print a benchmark's Markdown table and, unless ``results_md`` is None, append it there."""
+    text = "\n".join(lines)
+    print(text)
+    if results_md is not None:
+        with open(results_md, "a") as f:
+            f.write(text + "\n")
+
+
 def write_outputs(
     out_dir: Path, payload: dict[str, Any], md: str, timings: dict[str, dict[int, list]]
 ) -> list[Path]:

@@ -68,6 +68,7 @@ class Generator:
         self.seen_shapes: set[tuple[int, int]] = set()
         self.on_compile: Callable[[str], None] | None = None
         self.bandwidth: float | None = None
+        self.weight_bytes = 0
 
     def _can_split_head(self) -> bool:
         # Gather the last hidden state per row before the LM head (prefill computes V logits for one
@@ -215,11 +216,10 @@ class Generator:
         return result
 
     def decode_mbu(self, steps_per_s: float, context_len: float, batch: int = 1) -> float:
-        if self.bandwidth is None:
+        if self.bandwidth is None:  # measured once; the weights' byte count is fixed after optimize()
             self.bandwidth = measure_read_bandwidth(str(self.device.type))
-        per_step = weight_bytes_per_token(self.model) + batch * kv_bytes_per_token(
-            self.model.config, context_len, self.dtype
-        )
+            self.weight_bytes = weight_bytes_per_token(self.model)
+        per_step = self.weight_bytes + batch * kv_bytes_per_token(self.model.config, context_len, self.dtype)
         return mbu(per_step, steps_per_s, self.bandwidth)
 
     def _generate_group(self, seqs: list[list[int]], params: SamplingParams, stream, offset: int):
