@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from zycompile.backend import ZyBackend
+from zycompile.parallel.distributed import launched_world_size, setup
 from zycompile.passes import get_pass_class
 from zycompile.recipe import Recipe, load_recipe
 from zycompile.report import CompileReport
@@ -62,6 +63,8 @@ def optimize(
 
         loaded = load_model(model or recipe.model.source, recipe.model.dtype)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    if recipe.parallel.mode != "none" or launched_world_size() > 1:
+        setup(recipe.parallel, next(model.parameters()).device)
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     _allow_bucket_recompiles(recipe)

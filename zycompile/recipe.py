@@ -51,12 +51,17 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class ParallelSection:
-    mode: Literal["none", "tp", "tsp"] = "none"
+    # sp: weights replicated, KV cache sharded along the sequence over `degree` ranks (tree attention)
+    mode: Literal["none", "sp", "tp", "tsp"] = "none"
     degree: int = 1
+    kv_layout: Literal["round_robin", "contiguous"] = "round_robin"  # which rank owns position p
+    timeout_s: float = 300.0  # a collective waiting longer than this ends the job with an error
 
     def check(self):
         if self.degree < 1:
             yield "degree", f"got {self.degree!r}; expected an integer >= 1"
+        if self.timeout_s <= 0:
+            yield "timeout_s", f"got {self.timeout_s!r}; expected a number of seconds > 0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +167,24 @@ class Recipe:
                 "parallel.degree",
                 f"got {self.parallel.degree}; mode '{self.parallel.mode}' needs >= 2",
             )
+        tree = self.pass_spec("tree_attention")
+        sharded_kv = self.parallel.mode in ("sp", "tsp")
+        if self.parallel.mode == "sp" and (tree is None or tree.options.group != "sequence"):
+            typed.fail(
+                where,
+                "parallel.mode",
+                "'sp' shards the KV cache along the sequence; it needs the pass "
+                "{name: tree_attention, group: sequence} after canonicalize_attention",
+            )
         seen: set[str] = set()
         for i, p in enumerate(self.passes):
+            if p.name == "tree_attention" and p.options.group == "sequence" and not sharded_kv:
+                typed.fail(
+                    where,
+                    f"passes[{i}].group",
+                    f"'sequence' needs parallel.mode 'sp' or 'tsp' (got '{self.parallel.mode}'); "
+                    "use group: none for single-device split-KV",
+                )
             if p.name in seen:
                 typed.fail(
                     where, f"passes[{i}].name", f"pass '{p.name}' is listed twice; list each pass once"

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
-from zycompile.runtime.kv_cache import StaticKVCache
 from zycompile.runtime.metrics import kv_bytes_per_token, mbu, measure_read_bandwidth, weight_bytes_per_token
 from zycompile.runtime.sampling import SamplingParams, sample
+from zycompile.runtime.sharded_kv_cache import cache_for_recipe
 
 
 @dataclasses.dataclass
@@ -54,8 +54,8 @@ class Generator:
         self.dynamic_prefill = rt.prefill == "dynamic"
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.cache = StaticKVCache.for_model(
-            self.model.config, rt.batch_buckets[-1], rt.max_seq_len, self.dtype, self.device
+        self.cache = cache_for_recipe(
+            self.recipe, self.model.config, rt.batch_buckets[-1], self.dtype, self.device
         )
         self.decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
         self.head = (
@@ -88,7 +88,7 @@ class Generator:
     ) -> torch.Tensor:
         cache = self.cache
         cache.write_pos, cache.rows = pos, rows
-        keys = torch.arange(self.max_seq_len, device=pos.device)
+        keys = cache.key_positions  # global position of every slot (this rank's slice when sharded)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, S]: causal per row
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         kwargs = {self.cache_kw: cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}

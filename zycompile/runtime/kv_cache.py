@@ -37,16 +37,17 @@ class StaticKVCache:
         # [B] cache rows of the step's sequences, or None for rows 0..B-1 (decode reads them as a view;
         # the engine's prefill of one request into slot s passes rows=[s] and reads a gathered copy).
         self.rows: torch.Tensor | None = None
+        # Global position held by each slot (the mask compares these with query positions).
+        self.key_positions = torch.arange(max_seq_len, device=device)
 
     @classmethod
-    def for_model(
-        cls, config, batch: int, max_seq_len: int, dtype: torch.dtype, device="cpu"
-    ) -> StaticKVCache:
+    def for_model(cls, config, batch: int, max_seq_len: int, dtype: torch.dtype, device="cpu", **kwargs):
+        """A cache shaped for ``config``'s decoder; ``kwargs`` go to subclasses (sharding)."""
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(text.num_hidden_layers, batch, kv_heads, max_seq_len, head_dim, dtype, device)
+        return cls(text.num_hidden_layers, batch, kv_heads, max_seq_len, head_dim, dtype, device, **kwargs)
 
     def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
         return pos

@@ -1,0 +1,1 @@
+"""Parallelism: process groups (distributed.py); TP/TSP plans land here too."""
