@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
+
+from torch.distributed import DistBackendError
 
 from zycompile.errors import ZyError
 
@@ -91,21 +94,28 @@ def cmd_recipe_show(args) -> int:
     return 0
 
 
+def _say(msg: str) -> None:
+    """Progress on stderr, from rank 0 only when launched with torchrun."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[zycompile] {msg}", file=sys.stderr, flush=True)
+
+
 def cmd_run(args) -> int:
     import zycompile
 
     t0 = time.perf_counter()
-    print(f"[zycompile] loading {args.recipe} ...", file=sys.stderr, flush=True)
+    _say(f"loading {args.recipe} ...")
     opt = zycompile.optimize(None, args.recipe, overrides=args.overrides)
     gen = opt.generator()
-    gen.on_compile = lambda msg: print(f"[zycompile] {msg} ...", file=sys.stderr, flush=True)
-    print(f"[zycompile] model ready in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    gen.on_compile = lambda msg: _say(f"{msg} ...")
+    _say(f"model ready in {time.perf_counter() - t0:.1f}s")
     # Compile before timing: a 2-token run on the same prompt builds its prefill and decode graphs,
     # so TTFT and tok/s below measure serving, not compilation.
     t0 = time.perf_counter()
     ids = gen.encode(args.prompt, chat=False if args.no_chat else None)
     opt.generate(ids, max_new_tokens=2, ignore_eos=True)
-    print(f"[zycompile] compiled in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    _say(f"compiled in {time.perf_counter() - t0:.1f}s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # every rank generates; rank 0 prints
 
     printed = ""
     toks: list[int] = []
@@ -113,6 +123,8 @@ def cmd_run(args) -> int:
     def stream(_row: int, tok: int) -> None:
         nonlocal printed
         toks.append(tok)
+        if not main_rank:
+            return
         text = opt.tokenizer.decode(toks, skip_special_tokens=True) if opt.tokenizer else f" {tok}"
         if opt.tokenizer is None:
             printed += text
@@ -130,12 +142,11 @@ def cmd_run(args) -> int:
         seed=args.seed,
         stream=stream,
     )
-    print()
+    if main_rank:
+        print()
     mbu = f", MBU {out.mbu:.0%}" if out.mbu is not None else ""
-    print(
-        f"[zycompile] TTFT {out.ttft_s * 1e3:.0f} ms, decode {out.decode_tok_s:.1f} tok/s "
-        f"({len(out.tokens[0])} tokens){mbu}",
-        file=sys.stderr,
+    _say(
+        f"TTFT {out.ttft_s * 1e3:.0f} ms, decode {out.decode_tok_s:.1f} tok/s ({len(out.tokens[0])} tokens){mbu}"
     )
     return 0
 
@@ -150,6 +161,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except DistBackendError as e:  # a peer rank died or a collective outlived parallel.timeout_s
+        print(
+            f"zycompile: error: rank {os.environ.get('RANK', '?')}: a collective failed ({e})",
+            file=sys.stderr,
+        )
+        return 3
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

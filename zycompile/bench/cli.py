@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,12 @@ def cmd_bench(args) -> int:
             f"--max-concurrency {cs[-1]} exceeds the recipe's largest batch bucket "
             f"({recipe.runtime.batch_buckets[-1]}); raise runtime.batch_buckets"
         )
-    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun every rank serves; rank 0 reports
+    log = lambda msg: main_rank and print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    systems = [s for s in SYSTEMS if s in args.systems]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and systems != ["zycompile"]:
+        log("launched on several ranks: benchmarking zycompile only (HF baselines run in one process)")
+        systems = ["zycompile"]
     log(f"loading {recipe.model.source} ({recipe.model.dtype})")
     opt = zycompile.optimize(None, recipe)
     gen = opt.generator()
@@ -106,7 +112,7 @@ def cmd_bench(args) -> int:
     results: dict[str, dict[int, dict[str, float]]] = {}
     timings: dict[str, dict[int, list]] = {}
     hf_model = None
-    for system in [s for s in SYSTEMS if s in args.systems]:
+    for system in systems:
         if system == "zycompile":
             log("compiling zycompile graphs (prefill buckets, decode batch buckets) ...")
             t0 = time.perf_counter()
@@ -130,7 +136,7 @@ def cmd_bench(args) -> int:
                 hf.warmup(c)
             runner = lambda c, hf=hf: hf.serve(items, c)  # noqa: E731
         results[system], timings[system] = {}, {}
-        for c in tqdm(cs, desc=system, unit="c", file=sys.stderr):
+        for c in tqdm(cs, desc=system, unit="c", file=sys.stderr, disable=not main_rank):
             t = runner(c)
             m = metrics.summarize(t)
             steps_per_s = m["output_throughput"] / c
@@ -140,6 +146,8 @@ def cmd_bench(args) -> int:
         if system == "zycompile" and len(opt.compile_report().graphs) != graphs_before:
             log("warning: zycompile compiled during the timed run (a shape was not warmed up)")
 
+    if not main_rank:
+        return 0
     header = (
         f"## zycompile bench — {time.strftime('%Y-%m-%d %H:%M')}\n\n"
         f"`zycompile bench {' '.join(sys.argv[2:])}` — {machine}; recipe `{recipe.source_file}` "

@@ -6,6 +6,7 @@ import time
 from collections import deque
 
 import torch
+import torch.distributed as dist
 
 from zycompile.bench.metrics import RequestTiming
 from zycompile.bench.workload import WorkItem
@@ -31,13 +32,24 @@ def warmup(gen: Generator, concurrency: int) -> None:
     gen.cache.reset()
 
 
+def _shared_now(t0: float) -> float:
+    """Seconds since ``t0``; under torchrun rank 0's clock, so every rank admits the same requests at
+    the same step (the ranks of a sharded KV cache must run identical steps)."""
+    now = time.perf_counter() - t0
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([now], dtype=torch.float64)
+        dist.broadcast(t, src=0)
+        now = float(t)
+    return now
+
+
 def serve(gen: Generator, items: list[WorkItem], concurrency: int) -> tuple[list[RequestTiming], Engine]:
     engine = Engine(gen, max_concurrency=concurrency)
     pending = deque(sorted(items, key=lambda it: it.arrival))
     t0 = time.perf_counter()
     reqs = []
     while pending or engine.has_work:
-        now = time.perf_counter() - t0
+        now = _shared_now(t0)
         while pending and pending[0].arrival <= now:
             it = pending.popleft()
             params = SamplingParams(max_new_tokens=it.output_len, ignore_eos=True)
