@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU box (no network): install without deps, run the GPU tests and the
+# GPU benchmarks, leave logs and tables under $OUT. Usage on the device: bash bench/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/zy-gpu-out}
+mkdir -p "$OUT"
+pip install --no-deps -q -e . > "$OUT/install.log" 2>&1
+python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/versions.txt"
+cp bench/RESULTS.md "$OUT/RESULTS.before.md"
+# the split-KV kernel on the real device (its CPU test runs it under the interpreter)
+timeout 300 python bench/split_kv_gpu.py 2>&1 | tee "$OUT/split_kv_gpu.txt"
+# GPU-sensitive tests (each module skips what needs a missing package)
+timeout 600 python -m pytest -q -x tests/ops -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/tests_ops.txt"
+diff bench/RESULTS.md "$OUT/RESULTS.before.md" > "$OUT/RESULTS.added.diff"
+cp bench/RESULTS.md "$OUT/RESULTS.md"
