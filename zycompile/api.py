@@ -63,8 +63,15 @@ def optimize(
 
         loaded = load_model(model or recipe.model.source, recipe.model.dtype)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+    notes: list[str] = []
     if recipe.parallel.mode != "none" or launched_world_size() > 1:
-        setup(recipe.parallel, next(model.parameters()).device)
+        device = next(model.parameters()).device
+        setup(recipe.parallel, device)
+        if recipe.parallel.mode == "tp":
+            from zycompile.parallel.tp import apply_tp
+
+            recipe, notes = _without_unsharded_passes(recipe)
+            apply_tp(model, recipe.parallel.degree, device.type)
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     _allow_bucket_recompiles(recipe)
@@ -72,7 +79,26 @@ def optimize(
     model.requires_grad_(False)  # a serving compile: weights are constants, autograd never records
     for spec in recipe.passes:
         get_pass_class(spec.name).prepare(model, spec.options)
-    return OptimizedModel(model, recipe, tokenizer)
+    opt = OptimizedModel(model, recipe, tokenizer)
+    opt.compile_report().warnings.extend(notes)
+    return opt
+
+
+def _without_unsharded_passes(recipe: Recipe) -> tuple[Recipe, list[str]]:
+    """Drop passes that re-lay weights in place: under TP the weights are DTensor shards."""
+    import dataclasses
+    import logging
+
+    kept, notes = [], []
+    for spec in recipe.passes:
+        if get_pass_class(spec.name).relays_weights:
+            notes.append(
+                f"pass '{spec.name}' skipped under parallel.mode 'tp' (it re-lays unsharded weights)"
+            )
+            logging.getLogger("zycompile").warning(notes[-1])
+        else:
+            kept.append(spec)
+    return dataclasses.replace(recipe, passes=tuple(kept)), notes
 
 
 def _allow_bucket_recompiles(recipe: Recipe) -> None:

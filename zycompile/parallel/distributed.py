@@ -52,8 +52,9 @@ def setup(parallel, device: torch.device | str = "cpu") -> dist.ProcessGroup | N
             f"parallel.degree is {parallel.degree} but {dist.get_world_size()} ranks were launched; "
             "they must match"
         )
-    _SEQUENCE_GROUP = dist.group.WORLD
-    return _SEQUENCE_GROUP
+    # sp / tsp split the KV cache along the sequence over this group; tp splits heads over it
+    _SEQUENCE_GROUP = dist.group.WORLD if parallel.mode in ("sp", "tsp") else None
+    return dist.group.WORLD
 
 
 def sequence_group() -> dist.ProcessGroup:

@@ -51,6 +51,8 @@ class GraphPass:
     Options: ClassVar[type] = NoOptions
     # Whether a model the pass is enabled for is expected to match at least once (else: warn).
     expect_matches: ClassVar[bool] = True
+    # Whether ``prepare`` re-lays parameters in place (not possible on DTensor shards under TP).
+    relays_weights: ClassVar[bool] = False
 
     def __init__(self, opts: Any, ctx: PassContext):
         self.opts = opts

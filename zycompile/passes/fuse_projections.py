@@ -42,6 +42,7 @@ log = logging.getLogger("zycompile")
 class FuseProjectionsPass(GraphPass):
     name = "fuse_projections"
     stage = "pre_grad"
+    relays_weights = True
 
     @staticmethod
     def prepare(model: torch.nn.Module, opts) -> None:

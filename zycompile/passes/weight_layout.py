@@ -27,6 +27,7 @@ from zycompile.passes.fuse_projections import LINEAR, _k_major
 class WeightLayoutPass(GraphPass):
     name = "weight_layout"
     stage = "pre_grad"
+    relays_weights = True
 
     @dataclasses.dataclass(frozen=True)
     class Options:

@@ -41,13 +41,32 @@ class StaticKVCache:
         self.key_positions = torch.arange(max_seq_len, device=device)
 
     @classmethod
-    def for_model(cls, config, batch: int, max_seq_len: int, dtype: torch.dtype, device="cpu", **kwargs):
-        """A cache shaped for ``config``'s decoder; ``kwargs`` go to subclasses (sharding)."""
+    def for_model(
+        cls,
+        config,
+        batch: int,
+        max_seq_len: int,
+        dtype: torch.dtype,
+        device="cpu",
+        head_shards: int = 1,
+        **kwargs,
+    ):
+        """A cache shaped for ``config``'s decoder (``head_shards``: TP ranks splitting the KV heads);
+        ``kwargs`` go to subclasses (sequence sharding)."""
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         heads = text.num_attention_heads
         kv_heads = getattr(text, "num_key_value_heads", None) or heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(text.num_hidden_layers, batch, kv_heads, max_seq_len, head_dim, dtype, device, **kwargs)
+        return cls(
+            text.num_hidden_layers,
+            batch,
+            kv_heads // head_shards,
+            max_seq_len,
+            head_dim,
+            dtype,
+            device,
+            **kwargs,
+        )
 
     def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
         return pos

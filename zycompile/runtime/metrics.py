@@ -13,14 +13,17 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     (one row per token) unless they are tied to the LM head (then the head reads them all)."""
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = head is not None and emb is not None and head.weight.data_ptr() == emb.data_ptr()
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    emb_ptr = local(emb).data_ptr() if emb is not None else None
+    tied = head is not None and emb is not None and local(head.weight).data_ptr() == emb_ptr
     seen, total = set(), 0
     for p in model.parameters():
+        p = p.to_local() if hasattr(p, "to_local") else p  # a TP shard: this rank reads its part
         key = (p.untyped_storage().data_ptr(), p.storage_offset())
         if key in seen:
             continue
         seen.add(key)
-        if emb is not None and p is emb and not tied:
+        if emb is not None and p.data_ptr() == emb_ptr and not tied:
             continue
         total += p.numel() * p.element_size()
     return total

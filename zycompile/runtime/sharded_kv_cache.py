@@ -58,6 +58,8 @@ class SeqShardedKVCache(StaticKVCache):
 def cache_for_recipe(recipe, config, batch: int, dtype: torch.dtype, device) -> StaticKVCache:
     """The runtime's cache: this rank's sequence slice when the recipe shards the KV, else the whole one."""
     rt, par = recipe.runtime, recipe.parallel
+    if par.mode == "tp":  # each rank holds its own KV heads
+        return StaticKVCache.for_model(config, batch, rt.max_seq_len, dtype, device, head_shards=par.degree)
     if par.mode not in ("sp", "tsp"):
         return StaticKVCache.for_model(config, batch, rt.max_seq_len, dtype, device)
     from zycompile.parallel.distributed import sequence_group

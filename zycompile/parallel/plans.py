@@ -1,0 +1,43 @@
+"""Tensor-parallel plans as data: per architecture, module FQN pattern -> sharding style name.
+
+Megatron-style: attention q/k/v column-wise (each rank owns whole heads), o row-wise (one
+all-reduce); MLP gate/up column-wise, down row-wise (one all-reduce); embeddings and LM head sharded
+on the vocabulary. Styles are names here so plans stay data; ``styles()`` turns them into
+``torch.distributed.tensor.parallel`` objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_DENSE_DECODER = {
+    "model.embed_tokens": "vocab_embedding",
+    "model.layers.*.self_attn.q_proj": "colwise",
+    "model.layers.*.self_attn.k_proj": "colwise",
+    "model.layers.*.self_attn.v_proj": "colwise",
+    "model.layers.*.self_attn.o_proj": "rowwise",
+    "model.layers.*.mlp.gate_proj": "colwise",
+    "model.layers.*.mlp.up_proj": "colwise",
+    "model.layers.*.mlp.down_proj": "rowwise",
+    "lm_head": "vocab_head",
+}
+
+# model_type (HF config) -> plan. Qwen3's per-head q/k norms need nothing: each rank has whole heads.
+TP_PLANS: dict[str, dict[str, str]] = {
+    "llama": _DENSE_DECODER,
+    "mistral": _DENSE_DECODER,
+    "qwen2": _DENSE_DECODER,
+    "qwen3": _DENSE_DECODER,
+}
+
+
+def styles() -> dict[str, Any]:
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {
+        "colwise": ColwiseParallel(),
+        "rowwise": RowwiseParallel(),
+        "vocab_embedding": RowwiseParallel(input_layouts=Replicate()),  # rows = vocabulary entries
+        "vocab_head": ColwiseParallel(output_layouts=Replicate()),  # every rank gets full logits
+    }
