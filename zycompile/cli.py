@@ -109,6 +109,14 @@ def cmd_run(args) -> int:
     gen = opt.generator()
     gen.on_compile = lambda msg: _say(f"{msg} ...")
     _say(f"model ready in {time.perf_counter() - t0:.1f}s")
+    if opt.recipe.parallel.mode != "none":
+        from zycompile.parallel.memory import rank_memory
+
+        mem = rank_memory(opt.model, gen.cache)
+        _say(
+            f"{opt.recipe.parallel.mode} over {opt.recipe.parallel.degree} ranks; rank 0 holds weights "
+            f"{mem['weights'] / 2**20:.0f} MiB, KV cache {mem['kv_cache'] / 2**20:.0f} MiB"
+        )
     # Compile before timing: a 2-token run on the same prompt builds its prefill and decode graphs,
     # so TTFT and tok/s below measure serving, not compilation.
     t0 = time.perf_counter()
