@@ -2,7 +2,7 @@
 
 One decode token (SmolLM2's geometry by default: 9 query heads, 3 KV heads, head dim 64, fp32)
 attends over a context of N positions split round-robin over W ranks (W processes, 1 thread each).
-Per (W, N): median latency of one attention call for tree (2 all-reduces), ring (W-1 K/V rounds,
+Per (W, N): median latency of one attention call for tree (2 all-reduces, or 1 all-gather), ring (W-1 K/V rounds,
 each overlapped with the partial over the block in hand) and one process over the whole context
 (1 thread); communication rounds and bytes this rank sends per token per layer; tree/ring speedup.
 Appends a dated table to bench/RESULTS.md.
@@ -59,8 +59,9 @@ def rank_bench(impl: str, ctx: int, heads: int, kv_heads: int, dim: int, iters: 
     world, rank = dist.get_world_size(), dist.get_rank()
     q, k, v, mask = inputs(ctx, world, rank, heads, kv_heads, dim)
     name, scale = dist.group.WORLD.group_name, dim**-0.5
-    if impl == "tree":
-        call = lambda: tree_attention(q, k, v, mask, scale, name, 1)  # noqa: E731
+    if impl.startswith("tree"):
+        merge = "allgather" if impl == "tree-allgather" else "allreduce"
+        call = lambda: tree_attention(q, k, v, mask, scale, name, 1, merge)  # noqa: E731
     else:
         call = lambda: ring_attention(q, k, v, mask, scale, name)  # noqa: E731
     with comm_stats.counting() as stats:
@@ -98,7 +99,7 @@ def main() -> None:
         with LocalGroup(world, threads=1) as group:
             for n in args.contexts:
                 res = {}
-                for impl in ("tree", "ring"):
+                for impl in ("tree", "tree-allgather", "ring"):
                     out = group.run(rank_bench, impl, n, *geo, args.iters, args.warmup)
                     res[impl] = out[0]
                 rows.append((world, n, res))
@@ -115,18 +116,24 @@ def main() -> None:
         f"{args.head_dim}, fp32, batch 1, one query token, KV round-robin over the ranks; median of "
         f"{args.iters} calls, slowest rank). Comm = what one rank sends per token per layer.",
         "",
-        "| ranks | context | unsharded (1 proc) ms | tree ms | ring ms | tree speedup vs ring "
-        "| tree comm: rounds, bytes | ring comm: rounds, bytes |",
-        "|---|---|---|---|---|---|---|---|",
+        "| ranks | context | unsharded (1 proc) ms | tree (2 all-reduce) ms | tree (1 all-gather) ms | ring ms "
+        "| ring / tree | ring / tree-allgather | tree comm | tree-allgather comm | ring comm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for world, n, res in rows:
-        (tt, ts), (rt, rs) = res["tree"], res["ring"]
+        (tt, ts), (gt, gs), (rt, rs) = res["tree"], res["tree-allgather"], res["ring"]
         lines.append(
-            f"| {world} | {n:,} | {base[n] * 1e3:.2f} | {tt * 1e3:.2f} | {rt * 1e3:.2f} | {rt / tt:.1f}x "
-            f"| {ts['calls'].get('all_reduce', 0)} all-reduce, {_kb(ts['bytes'].get('all_reduce', 0))} "
-            f"| {rs['calls'].get('send', 0)} send, {_kb(rs['bytes'].get('send', 0))} |"
+            f"| {world} | {n:,} | {base[n] * 1e3:.2f} | {tt * 1e3:.2f} | {gt * 1e3:.2f} | {rt * 1e3:.2f} "
+            f"| {rt / tt:.1f}x | {rt / gt:.1f}x | {_comm(ts)} | {_comm(gs)} | {_comm(rs)} |"
         )
     publish(lines, None if args.no_append else RESULTS)
+
+
+def _comm(stats) -> str:
+    """'2 all_reduce, 4.6 KB' — what this rank issued and sent for one call."""
+    return "; ".join(
+        f"{n} {k}, {_kb(stats['bytes'][k])}" for k, n in sorted(stats["calls"].items()) if k != "recv"
+    )
 
 
 def _kb(n: int) -> str:

@@ -100,11 +100,13 @@ def run_case(c: Case):
     name = dist.group.WORLD.group_name
     with comm_stats.counting() as tree_stats:
         tree = tree_attention(q, lk, lv, lm, c.head_dim**-0.5, name, c.num_splits)
+    with comm_stats.counting() as gather_stats:
+        gathered = tree_attention(q, lk, lv, lm, c.head_dim**-0.5, name, c.num_splits, "allgather")
     ring, ring_stats = None, None
     if c.equal_slices:
         with comm_stats.counting() as ring_stats:
             ring = ring_attention(q, lk, lv, lm, c.head_dim**-0.5, name)
-    return tree, ring, tree_stats, ring_stats
+    return tree, gathered, ring, tree_stats, gather_stats, ring_stats
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
@@ -129,13 +131,16 @@ def test_tree_and_ring_equal_dense(group, c: Case, case_counter):
     ) * scale
     want_lse = s.masked_fill(~mask, float("-inf")).logsumexp(-1)
     results = group.run(run_case, c)
-    for rank, (tree, ring, tree_stats, ring_stats) in enumerate(results):
+    for rank, (tree, gathered, ring, tree_stats, gather_stats, ring_stats) in enumerate(results):
         torch.testing.assert_close(
             tree[0], want, rtol=1e-5, atol=1e-5, msg=lambda m, r=rank: f"tree rank {r}: {m}"
         )
         torch.testing.assert_close(tree[1], want_lse, rtol=1e-5, atol=1e-5)
         # tree: a constant 2 all-reduces (MAX of lse, SUM of packed [w*o, w]) whatever the world size
         assert tree_stats["calls"] == {"all_reduce": 2}
+        torch.testing.assert_close(gathered[0], want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gathered[1], want_lse, rtol=1e-5, atol=1e-5)
+        assert gather_stats["calls"] == {"all_gather": 1}  # the one-round merge
         if ring is not None:
             torch.testing.assert_close(
                 ring[0], want, rtol=1e-5, atol=1e-5, msg=lambda m, r=rank: f"ring rank {r}: {m}"

@@ -149,11 +149,28 @@ def tree_attention(
     scale: float,
     group_name: str,
     num_splits: int,
+    merge: str = "allreduce",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local partial (split-KV when ``num_splits`` > 1), then 2 all-reduces: MAX(lse), SUM([w*o, w])."""
+    """Local partial (split-KV when ``num_splits`` > 1), then the merge across the group.
+
+    ``allreduce``: MAX all-reduce of lse, then one SUM all-reduce of the packed ``[w*o, w]`` (2
+    collectives; an NCCL tree all-reduce is log-depth, and the bytes do not grow with the ranks).
+    ``allgather``: one all-gather of the packed ``[o, lse]`` and the same max/sum merge locally (1
+    collective; W times the bytes, so for decode-sized partials where latency rules).
+    """
     o, lse = split_kv_attention(q, k, v, mask, scale, False, num_splits)
     o = o.float()
     group = _group(group_name)
+    if merge == "allgather":
+        packed = torch.cat([o, lse.unsqueeze(-1)], dim=-1).contiguous()
+        parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        comm_stats.record("all_gather", packed.numel() * packed.element_size())
+        dist.all_gather(parts, packed, group=group)
+        stacked = torch.stack(parts)
+        out, lse = merge_partials(stacked[..., :-1], stacked[..., -1])
+        return out.to(q.dtype), lse
+    if merge != "allreduce":
+        raise ValueError(f"tree_attention merge {merge!r}: expected 'allreduce' or 'allgather'")
     m = lse.clone()
     comm_stats.record("all_reduce", m.numel() * m.element_size())
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
@@ -168,7 +185,7 @@ def tree_attention(
 
 
 @tree_attention.register_fake
-def _(q, k, v, mask, scale, group_name, num_splits):
+def _(q, k, v, mask, scale, group_name, num_splits, merge="allreduce"):
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 

@@ -11,7 +11,7 @@ After, ``group: none`` (one device, split-KV over ``num_splits`` blocks)::
 
 After, ``group: sequence`` (KV cache sharded over the ranks; ``impl: tree`` or ``ring``)::
 
-    res = torch.ops.zycompile.tree_attention.default(q, k, v, mask, 0.125, '0', 1)
+    res = torch.ops.zycompile.tree_attention.default(q, k, v, mask, 0.125, '0', 1, 'allreduce')
     out = res[0]
 
 Invariants: exact attention (the partials' merge is exact, not an approximation). With a sharded
@@ -48,6 +48,8 @@ class TreeAttentionOptions:
     group: Literal["none", "sequence"] = "none"  # sequence: the recipe's parallel group shards the KV
     num_splits: int = 1  # KV blocks per device, merged by the same max/sum tree (flash-decoding)
     impl: Literal["tree", "ring"] = "tree"  # ring: the baseline, for comparison
+    # tree's cross-rank merge: 2 all-reduces (bytes independent of the ranks) or 1 all-gather
+    merge: Literal["allreduce", "allgather"] = "allreduce"
 
     def check(self):
         if self.num_splits < 1:
@@ -88,7 +90,7 @@ class TreeAttentionPass(GraphPass):
             if not sharded:
                 target, args = SPLIT_KV, (q, k, v, mask, scale, causal, self.opts.num_splits)
             elif self.opts.impl == "tree":
-                target, args = TREE, (q, k, v, mask, scale, group_name, self.opts.num_splits)
+                target, args = TREE, (q, k, v, mask, scale, group_name, self.opts.num_splits, self.opts.merge)
             else:
                 target, args = RING, (q, k, v, mask, scale, group_name)
             with gm.graph.inserting_before(node):
