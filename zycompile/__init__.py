@@ -4,6 +4,14 @@ from zycompile.api import OptimizedModel, optimize
 from zycompile.errors import GenerationError, ModelLoadError, RecipeError, ZyError
 from zycompile.recipe import Recipe, load_recipe
 
+
+def load(path, device=None):
+    """Load a package written by ``OptimizedModel.export`` / ``zycompile export`` (verified first)."""
+    from zycompile.export import load as _load
+
+    return _load(path, device)
+
+
 __all__ = [
     "GenerationError",
     "ModelLoadError",
@@ -11,6 +19,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "ZyError",
+    "load",
     "load_recipe",
     "optimize",
 ]

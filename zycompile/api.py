@@ -48,6 +48,13 @@ class OptimizedModel:
         """Generate from strings or token ids; see ``zycompile.runtime.generate.Generator.generate``."""
         return self.generator().generate(prompts, **kwargs)
 
+    def export(self, out_dir: str | os.PathLike, progress=None):
+        """Write an AOTInductor package (graphs + safetensors weights + manifest) that ``zycompile.load``
+        runs without this model's Python code. Returns the manifest path."""
+        from zycompile.export import write_package
+
+        return write_package(self, out_dir, progress)
+
 
 def optimize(
     model: torch.nn.Module | str | None = None,

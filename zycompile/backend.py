@@ -14,6 +14,7 @@ from typing import Any
 
 import torch.fx
 
+from zycompile.lowering.graphs import device_of, graph_patches
 from zycompile.lowering.inductor import lower
 from zycompile.passes import PassContext
 from zycompile.pipeline import PassManager
@@ -36,7 +37,13 @@ class ZyBackend:
         ctx = PassContext(self.recipe, list(example_inputs), record.index, self.state)
         PassManager(self.recipe, "pre_grad", ctx, self.report).run(gm)
         post = PassManager(self.recipe, "post_grad", ctx, self.report)
-        compiled = lower(gm, example_inputs, self.recipe.lowering, post)
+        graph_options, note = graph_patches(
+            self.recipe.runtime.graphs, self.recipe.lowering.backend, device_of(example_inputs)
+        )
+        if note and note not in self.report.warnings:
+            self.report.warnings.append(note)
+            log.warning(note)
+        compiled = lower(gm, example_inputs, self.recipe.lowering, post, graph_options)
         record.compile_s = time.perf_counter() - t0
         log.info("zycompile: graph %d lowered in %.1fs", record.index, record.compile_s)
         return compiled

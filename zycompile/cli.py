@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--prompt", required=True, help="the prompt (chat template applied if the model has one)"
     )
+    run.add_argument(
+        "--package", default=None, metavar="DIR", help="run an exported package instead of compiling"
+    )
     run.add_argument("--max-new-tokens", type=int, default=128)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     run.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -49,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None)
     run.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     run.set_defaults(func=cmd_run)
+
+    export = sub.add_parser("export", help="write an AOTInductor package (graphs + safetensors + manifest)")
+    _add_recipe_args(export)
+    export.add_argument("--out", required=True, metavar="DIR", help="package directory to write")
+    export.set_defaults(func=cmd_export)
 
     recipe = sub.add_parser("recipe", help="check or show recipes")
     rsub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
@@ -100,16 +108,32 @@ def _say(msg: str) -> None:
         print(f"[zycompile] {msg}", file=sys.stderr, flush=True)
 
 
-def cmd_run(args) -> int:
+def cmd_export(args) -> int:
     import zycompile
+    from zycompile.export.runtime import describe
 
     t0 = time.perf_counter()
     _say(f"loading {args.recipe} ...")
     opt = zycompile.optimize(None, args.recipe, overrides=args.overrides)
+    opt.export(args.out, progress=lambda m: _say(f"{m} ..."))
+    _say(f"wrote {args.out}: {describe(args.out)} (total {time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def cmd_run(args) -> int:
+    import zycompile
+
+    t0 = time.perf_counter()
+    if args.package:
+        _say(f"loading package {args.package} ...")
+        opt = zycompile.load(args.package)
+    else:
+        _say(f"loading {args.recipe} ...")
+        opt = zycompile.optimize(None, args.recipe, overrides=args.overrides)
     gen = opt.generator()
     gen.on_compile = lambda msg: _say(f"{msg} ...")
     _say(f"model ready in {time.perf_counter() - t0:.1f}s")
-    if opt.recipe.parallel.mode != "none":
+    if not args.package and opt.recipe.parallel.mode != "none":
         from zycompile.parallel.memory import rank_memory
 
         mem = rank_memory(opt.model, gen.cache)

@@ -25,24 +25,29 @@ class PostGradHook(CustomGraphPass):
         return self.manager.uuid()
 
 
-def inductor_patches(lowering, post: PassManager) -> dict[str, Any]:
+def inductor_patches(
+    lowering, post: PassManager, graph_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
     patches: dict[str, Any] = {}
     if lowering.mode != "default":
         patches.update(torch._inductor.list_mode_options(lowering.mode))
+    patches.update(graph_options or {})
     patches.update(dict(lowering.options))
     # Always installed, even with no post-grad passes: its uuid carries the recipe hash into the cache key.
     patches["post_grad_custom_post_pass"] = PostGradHook(post)
     return patches
 
 
-def lower(gm: torch.fx.GraphModule, example_inputs: list, lowering, post: PassManager) -> Callable:
+def lower(
+    gm: torch.fx.GraphModule, example_inputs: list, lowering, post: PassManager, graph_options=None
+) -> Callable:
     if lowering.backend == "eager":
         return gm.forward
     if lowering.backend == "aot_eager":
         return _aot_eager(gm, example_inputs, post)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=inductor_patches(lowering, post))
+    return compile_fx(gm, example_inputs, config_patches=inductor_patches(lowering, post, graph_options))
 
 
 def _aot_eager(gm, example_inputs, post: PassManager) -> Callable:

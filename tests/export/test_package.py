@@ -1,0 +1,107 @@
+"""Export round trip on CPU: AOTInductor package + safetensors + manifest, loaded in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zycompile
+from zycompile.export import PackageError, read_manifest
+
+PROMPTS = [[5, 17, 33, 2, 9], [7, 8], list(range(40, 75))]
+FAST = [
+    "lowering.backend=aot_eager",  # the package is built by AOTInductor whatever the live lowering
+    "runtime.max_seq_len=96",
+    "runtime.prefill_buckets=[8, 32]",
+    "runtime.batch_buckets=[1, 2]",
+]
+FRESH = """
+import json, sys
+import zycompile
+m = zycompile.load(sys.argv[1])
+out = m.generate(json.loads(sys.argv[2]), max_new_tokens=10, ignore_eos=True)
+print(json.dumps({"tokens": out.tokens, "modeling": sorted(x for x in sys.modules if ".modeling_" in x)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    torch._dynamo.reset()
+    opt = zycompile.optimize("tiny:llama", "llama-tiny", overrides=FAST)
+    want = opt.generate(PROMPTS, max_new_tokens=10, ignore_eos=True).tokens
+    out = tmp_path_factory.mktemp("pkg") / "tiny"
+    opt.export(out)
+    return out, want
+
+
+def test_round_trip_in_a_fresh_process_without_model_code(package):
+    pkg, want = package
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, str(pkg), json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == want
+    assert got["modeling"] == []  # no transformers model class was imported
+
+
+def test_layout_and_manifest(package):
+    pkg, _ = package
+    m = read_manifest(pkg)
+    assert set(m["graphs"]) == {"decode_b1", "decode_b2", "prefill"}
+    assert {"weights.safetensors", "recipe.yaml", "decode_b1.pt2", "prefill.pt2"} <= set(m["files"])
+    assert m["torch"] == torch.__version__ and m["device"]["type"] == "cpu"
+    # weights live once, beside the graphs: no .pt2 carries a copy of them
+    weights = m["bytes"]["weights.safetensors"]
+    assert all(m["bytes"][g["file"]] < weights + 2_500_000 for g in m["graphs"].values())
+
+
+def _copy(package, tmp_path):
+    dst = tmp_path / "pkg"
+    shutil.copytree(package[0], dst)
+    return dst
+
+
+def test_tampered_weights_rejected(package, tmp_path):
+    pkg = _copy(package, tmp_path)
+    data = bytearray((pkg / "weights.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (pkg / "weights.safetensors").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=r"weights.safetensors: sha256 differs"):
+        zycompile.load(pkg)
+
+
+def test_missing_graph_rejected(package, tmp_path):
+    pkg = _copy(package, tmp_path)
+    (pkg / "decode_b2.pt2").unlink()
+    with pytest.raises(PackageError, match=r"decode_b2.pt2: missing"):
+        zycompile.load(pkg)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("torch", "2.0.0", "built with torch 2.0.0"),
+        ("device", {"type": "cuda", "name": "NVIDIA H100"}, "built for cuda"),
+    ],
+)
+def test_other_torch_or_device_rejected(package, tmp_path, field, value, message):
+    pkg = _copy(package, tmp_path)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest[field] = value
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match=message):
+        zycompile.load(pkg)
+
+
+def test_not_a_package(tmp_path):
+    with pytest.raises(PackageError, match="manifest.json: missing"):
+        zycompile.load(tmp_path)
