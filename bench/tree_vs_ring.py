@@ -103,10 +103,8 @@ def main() -> None:
                     out = group.run(rank_bench, impl, n, *geo, args.iters, args.warmup)
                     res[impl] = out[0]
                 rows.append((world, n, res))
-                tree, ring = res["tree"][0], res["ring"][0]
-                print(
-                    f"W={world} N={n}: tree {tree * 1e3:.2f} ms, ring {ring * 1e3:.2f} ms, {ring / tree:.1f}x"
-                )
+                ms = {k: v[0] * 1e3 for k, v in res.items()}
+                print(f"W={world} N={n}: " + ", ".join(f"{k} {t:.2f} ms" for k, t in ms.items()))
     lines = [
         "",
         f"## Tree vs ring decode attention — {datetime.date.today()}",
