@@ -71,6 +71,12 @@ def optimize(
         loaded = load_model(model or recipe.model.source, recipe.model.dtype)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     notes: list[str] = []
+    if recipe.parallel.mode == "tsp":
+        from zycompile.errors import ZyError
+
+        raise ZyError(
+            f"{recipe.source_file or '<recipe>'}: parallel.mode 'tsp' is not implemented yet; use 'tp' or 'sp'"
+        )
     if recipe.parallel.mode != "none" or launched_world_size() > 1:
         device = next(model.parameters()).device
         setup(recipe.parallel, device)
