@@ -9,6 +9,8 @@ python -c "import torch, triton; print(torch.__version__, triton.__version__, to
 cp bench/RESULTS.md "$OUT/RESULTS.before.md"
 # the split-KV kernel on the real device (its CPU test runs it under the interpreter)
 timeout 300 python bench/split_kv_gpu.py 2>&1 | tee "$OUT/split_kv_gpu.txt"
+# decode with CUDA graphs off vs on, 1B-class bf16, batch 1 and 8, next to HF static+compile
+timeout 400 python bench/graphs_gpu.py 2>&1 | tail -15 | tee "$OUT/graphs_gpu.txt"
 # GPU-sensitive tests (each module skips what needs a missing package)
 timeout 600 python -m pytest -q -x tests/ops -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/tests_ops.txt"
 diff bench/RESULTS.md "$OUT/RESULTS.before.md" > "$OUT/RESULTS.added.diff"
