@@ -84,6 +84,11 @@ def tree_merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Te
     return parts[0]
 
 
+def _out_and_lse_like(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-impl outputs of every op here: out ``[B, Hq, Tq, Dv]`` in q's dtype, lse float32 ``[B, Hq, Tq]``."""
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
 def _split_kv_torch(q, k, v, mask, scale, causal, num_splits):
     tk = k.shape[-2]
     if causal:  # materialise the bottom-right causal mask: it must be split with the keys
@@ -130,7 +135,7 @@ def split_kv_attention(
 
 @split_kv_attention.register_fake
 def _(q, k, v, mask, scale, causal, num_splits):
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _out_and_lse_like(q, v)
 
 
 # ---- across ranks: tree (all-reduce) and ring (point-to-point) ------------------------------------
@@ -186,7 +191,7 @@ def tree_attention(
 
 @tree_attention.register_fake
 def _(q, k, v, mask, scale, group_name, num_splits, merge="allreduce"):
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _out_and_lse_like(q, v)
 
 
 @torch.library.custom_op("zycompile::ring_attention", mutates_args=())
@@ -233,4 +238,4 @@ def ring_attention(
 
 @ring_attention.register_fake
 def _(q, k, v, mask, scale, group_name):
-    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _out_and_lse_like(q, v)
