@@ -19,6 +19,8 @@ FAST = [
     "runtime.max_seq_len=96",
     "runtime.prefill_buckets=[8, 32]",
     "runtime.batch_buckets=[1, 2]",
+    # K-major weights and q/k/v views into one fused buffer: the package must rebuild those exact views
+    "passes=[canonicalize_attention, weight_layout, fuse_projections]",
 ]
 FRESH = """
 import json, sys
@@ -59,6 +61,9 @@ def test_layout_and_manifest(package):
     assert set(m["graphs"]) == {"decode_b1", "decode_b2", "prefill"}
     assert {"weights.safetensors", "recipe.yaml", "decode_b1.pt2", "prefill.pt2"} <= set(m["files"])
     assert m["torch"] == torch.__version__ and m["device"]["type"] == "cpu"
+    # each storage saved once (the fused q/k/v buffer, not its views), with every view's layout
+    assert any(v["stride"][0] == 1 and len(v["stride"]) == 2 for v in m["weights"].values())  # K-major
+    assert len({v["storage"] for v in m["weights"].values()}) < len(m["weights"])
     # weights live once, beside the graphs: no .pt2 carries a copy of them
     weights = m["bytes"]["weights.safetensors"]
     assert all(m["bytes"][g["file"]] < weights + 2_500_000 for g in m["graphs"].values())

@@ -4,7 +4,8 @@ Layout of ``DIR``::
 
     manifest.json          versions, device, recipe hash, model geometry, graphs, sha256 of every file
     recipe.yaml            the resolved recipe
-    weights.safetensors    every constant the graphs read except the KV cache (tied weights stored once)
+    weights.safetensors    every constant the graphs read except the KV cache: each storage once, as
+                           the span its views use (manifest ``weights`` rebuilds the exact views)
     decode_b{B}.pt2        one AOTInductor package per batch bucket (static shapes)
     prefill.pt2            dynamic batch and length
     tokenizer/             the tokenizer's files, when the model has one
@@ -81,8 +82,8 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
             constants[fqn] = state[fqn]
     cache_names = {CACHE_K.format(i) for i in range(len(gen.cache.keys))}
     cache_names |= {CACHE_V.format(i) for i in range(len(gen.cache.keys))} | {KEY_POS}
-    weights, aliases = _dedupe({k: v for k, v in constants.items() if k not in cache_names})
-    save_file(weights, str(out / "weights.safetensors"))
+    spans, views = _by_storage({k: v for k, v in constants.items() if k not in cache_names})
+    save_file(spans, str(out / "weights.safetensors"))
     if opt.tokenizer is not None:
         opt.tokenizer.save_pretrained(str(out / "tokenizer"))
     (out / "recipe.yaml").write_text(opt.recipe.to_yaml())
@@ -108,7 +109,7 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
             "dtype": str(gen.cache.keys[0].dtype).removeprefix("torch."),
         },
         "graphs": graphs,
-        "weight_aliases": aliases,
+        "weights": views,
         "build_s": round(time.perf_counter() - t0, 1),
     }
     files = sorted(p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -119,19 +120,36 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
     return path
 
 
-def _dedupe(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """One contiguous copy per distinct tensor; names that share one (tied weights) become aliases."""
-    by_key: dict[tuple, str] = {}
-    unique, aliases = {}, {}
+def _by_storage(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Save each underlying storage once, as the 1-D span its tensors use; keep every tensor's view.
+
+    The graphs were compiled for the exact strides and offsets of their constants (K-major weights,
+    q/k/v views into one fused buffer, tied embeddings), so a loader must rebuild those views, not
+    contiguous copies. Returns (``storage{i}`` -> 1-D tensor, name -> {storage, offset, shape, stride}).
+    """
+    groups: dict[tuple, list[str]] = {}
     for name in sorted(tensors):
         t = tensors[name]
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if key in by_key:
-            aliases[name] = by_key[key]
-            continue
-        by_key[key] = name
-        unique[name] = t.detach().contiguous().clone()
-    return unique, aliases
+        groups.setdefault((t.untyped_storage().data_ptr(), t.dtype), []).append(name)
+    spans, views = {}, {}
+    for i, names in enumerate(groups.values()):
+        ts = [tensors[n] for n in names]
+        lo = min(t.storage_offset() for t in ts)
+        hi = max(t.storage_offset() + sum((d - 1) * st for d, st in zip(t.shape, t.stride())) + 1 for t in ts)
+        key = f"storage{i}"
+        spans[key] = ts[0].as_strided((hi - lo,), (1,), lo).detach().clone()
+        for n, t in zip(names, ts):
+            views[n] = {
+                "storage": key,
+                "offset": t.storage_offset() - lo,
+                "shape": list(t.shape),
+                "stride": list(t.stride()),
+            }
+    return spans, views
+
+
+def rebuild_views(spans: dict[str, torch.Tensor], views: dict[str, dict]) -> dict[str, torch.Tensor]:
+    return {n: spans[v["storage"]].as_strided(v["shape"], v["stride"], v["offset"]) for n, v in views.items()}
 
 
 def read_manifest(pkg: str | Path, device: torch.device | str | None = None) -> dict[str, Any]:

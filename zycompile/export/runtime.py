@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
-from zycompile.export.package import MANIFEST, PackageError, read_manifest
+from zycompile.export.package import MANIFEST, PackageError, read_manifest, rebuild_views
 from zycompile.export.step_module import CACHE_K, CACHE_V, KEY_POS
 from zycompile.runtime.generate import Generator
 
@@ -96,9 +96,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> LoadedMo
     pkg = Path(path)
     manifest = read_manifest(pkg, device)  # raises before anything is loaded
     dev = torch.device(device or manifest["device"]["type"])
-    weights = load_file(str(pkg / "weights.safetensors"), device=str(dev))
-    for alias, target in manifest["weight_aliases"].items():
-        weights[alias] = weights[target]
+    weights = rebuild_views(load_file(str(pkg / "weights.safetensors"), device=str(dev)), manifest["weights"])
     tokenizer = None
     if (pkg / "tokenizer").is_dir():
         from transformers import AutoTokenizer
