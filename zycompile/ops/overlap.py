@@ -22,6 +22,7 @@ from zycompile.ops import comm_stats
 
 
 def _ring(group):
+    group = group or dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     nxt = dist.get_global_rank(group, (rank + 1) % world)
     prv = dist.get_global_rank(group, (rank - 1) % world)

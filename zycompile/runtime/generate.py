@@ -294,7 +294,9 @@ class Generator:
         ids, pos = ids.to(self.device), pos.to(self.device)
         if self.dynamic_prefill and width > 1:
             for t in (ids, pos):  # one graph for every chunk length in [2, largest bucket]
-                torch._dynamo.mark_dynamic(t, 1, min=2, max=self.prefill_buckets[-1])
+                # a hint, not a constraint: code that guards on the length (DTensor under TP guards
+                # T >= 3) gets its own graph for the excluded lengths instead of an error
+                torch._dynamo.maybe_mark_dynamic(t, 1)
         return self.step(ids, pos, last.to(self.device), cache_rows)
 
     def hit_stop(self, toks: list[int], stop: tuple[str, ...]) -> bool:
