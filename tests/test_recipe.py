@@ -199,9 +199,9 @@ BAD = [
     ),
     (
         "unknown-pass-second",
-        "passes:\n  - name: canonicalize_attention\n  - tree_attention\n",
+        "passes:\n  - name: canonicalize_attention\n  - attention_sinks\n",
         "passes[1].name",
-        "'tree_attention'",
+        "'attention_sinks'",
         ["unknown pass", "canonicalize_attention"],
     ),
     (
