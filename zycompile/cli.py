@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_bench_parser(sub)
+    from zycompile.train_draft import add_parser as add_train_draft_parser
+
+    add_train_draft_parser(sub, _add_recipe_args)
     return parser
 
 
@@ -137,6 +140,13 @@ def cmd_run(args) -> int:
         f"({len(out.tokens[0])} tokens){mbu}",
         file=sys.stderr,
     )
+    if out.speculative is not None:
+        from zycompile.runtime.speculative import format_stats
+
+        print(
+            f"[zycompile] speculative {opt.recipe.speculative.method}: {format_stats(out.speculative)}",
+            file=sys.stderr,
+        )
     return 0
 
 
