@@ -251,13 +251,17 @@ def test_engine_requests_get_their_plain_greedy_tokens(name, reference, tiny_hea
 
 def test_bad_drafter_configs_are_one_clear_error(tmp_path):
     with pytest.raises(RecipeError, match="exit_layer: got 2; the target has 2 layers"):
-        _spec(["speculative.method=early_exit", "speculative.exit_layer=2"])
+        _spec(["speculative.method=early_exit", "speculative.exit_layer=2"]).generator()
     with pytest.raises(RecipeError, match="1024 tokens, the target 512"):
-        _spec(["speculative.method=draft_model", "speculative.draft_model=tiny:llama?vocab_size=1024"])
+        _spec(
+            ["speculative.method=draft_model", "speculative.draft_model=tiny:llama?vocab_size=1024"]
+        ).generator()
     with pytest.raises(RecipeError, match="eagle_head: file 'nope.safetensors' not found"):
-        _spec(["speculative.method=eagle", "speculative.eagle_head=nope.safetensors"])
+        _spec(["speculative.method=eagle", "speculative.eagle_head=nope.safetensors"]).generator()
     model = load_model("tiny:llama?hidden_size=32&head_dim=8").model
     head = EagleHead(model.config, type(model.model.layers[0]), torch.arange(10))
     save_head(head, tmp_path / "h.safetensors", {"target": "x", "hidden_size": 32, "vocab_size": 512})
     with pytest.raises(RecipeError, match="trained for hidden_size 32"):
-        _spec(["speculative.method=eagle", f"speculative.eagle_head={tmp_path / 'h.safetensors'}"])
+        _spec(
+            ["speculative.method=eagle", f"speculative.eagle_head={tmp_path / 'h.safetensors'}"]
+        ).generator()

@@ -42,7 +42,7 @@ def test_greedy_identical_on_sharegpt(recipe, extra, prompts_and_reference):
     assert [o.tokens[0] for o in outs] == ref
     if recipe.endswith("eagle"):  # a trained head, not noise: a good share of its drafts is accepted
         accepted = sum(o.speculative["accepted"] for o in outs) / sum(o.speculative["drafted"] for o in outs)
-        assert accepted > 0.2
+        assert accepted > 0.1  # a random head: ~0
 
 
 def test_train_draft_writes_a_loadable_head(tmp_path):
