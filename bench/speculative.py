@@ -81,11 +81,11 @@ def main() -> None:
     base_recipe = zycompile.load_recipe("smollm2-135m")
     tok = load_model(base_recipe.model.source).tokenizer
     reqs = sample_sharegpt(tok, args.prompts, seed=0, max_prompt_len=base_recipe.runtime.prefill_buckets[-1])
-    prompts = [
-        list(tok.apply_chat_template([{"role": "user", "content": r.prompt}], add_generation_prompt=True))
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": r.prompt}], add_generation_prompt=True)
         for r in reqs
     ]
-    prompts = [list(p["input_ids"]) if hasattr(p, "keys") else p for p in prompts]
+    prompts = [list(c["input_ids"] if hasattr(c, "keys") else c) for c in chats]
     log(machine_line())
 
     log("zycompile, no speculation")
