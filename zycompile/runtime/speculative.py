@@ -188,7 +188,8 @@ class Speculator:
         return logits.float(), out.hidden_states[-1]
 
     def forward(self, ids, pos, last=None, rows=None):
-        key = (ids.shape[0], ids.shape[1], last is None, rows is None)
+        dyn = last is not None and self.gen.dynamic_prefill and ids.shape[1] > 1  # one symbolic-length graph
+        key = (ids.shape[0], "dyn" if dyn else ids.shape[1], last is None, rows is None)
         if key not in self.seen_shapes:
             self.seen_shapes.add(key)
             if self.gen.on_compile:
