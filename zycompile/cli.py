@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_bench_parser(sub)
+    from zycompile.train_draft import add_parser as add_train_draft_parser
+
+    add_train_draft_parser(sub, _add_recipe_args)
     return parser
 
 
@@ -180,6 +183,13 @@ def cmd_run(args) -> int:
     _say(
         f"TTFT {out.ttft_s * 1e3:.0f} ms, decode {out.decode_tok_s:.1f} tok/s ({len(out.tokens[0])} tokens){mbu}"
     )
+    if out.speculative is not None:
+        from zycompile.runtime.speculative import format_stats
+
+        print(
+            f"[zycompile] speculative {opt.recipe.speculative.method}: {format_stats(out.speculative)}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -120,6 +120,40 @@ class RuntimeSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeSection:
+    """Speculative decoding (runtime/speculative.py): draft ``num_tokens`` tokens, verify them in one
+    target forward. Keys of other methods are ignored, so ``--set speculative.method=...`` just works."""
+
+    method: Literal["none", "ngram", "draft_model", "early_exit", "eagle"] = "none"
+    num_tokens: int = 4  # k drafted tokens per verify forward (the most, when adaptive)
+    adaptive: bool = False  # k += 1 after a round where every draft was accepted, k -= 1 otherwise
+    min_tokens: int = 1  # the least k when adaptive
+    ngram_max: int = 3  # ngram: longest suffix looked up in the prompt + output so far
+    ngram_min: int = 1
+    draft_model: str | None = None  # draft_model: a model source with the target's tokenizer
+    exit_layer: int | None = None  # early_exit: target layers the draft runs before norm + head
+    eagle_head: str | None = None  # eagle: .safetensors from `zycompile train-draft` (relative: recipe dir)
+
+    def check(self):
+        if self.num_tokens < 1:
+            yield "num_tokens", f"got {self.num_tokens!r}; expected an integer >= 1"
+        if not 1 <= self.min_tokens <= max(self.num_tokens, 1):
+            yield "min_tokens", f"got {self.min_tokens!r}; expected an integer in [1, num_tokens]"
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            yield (
+                "ngram_min",
+                f"got {self.ngram_min!r}; expected 1 <= ngram_min <= ngram_max ({self.ngram_max})",
+            )
+        need = {"draft_model": "draft_model", "early_exit": "exit_layer", "eagle": "eagle_head"}.get(
+            self.method
+        )
+        if need and getattr(self, need) is None:
+            yield need, f"missing; method '{self.method}' needs speculative.{need}"
+        if self.exit_layer is not None and self.exit_layer < 1:
+            yield "exit_layer", f"got {self.exit_layer!r}; expected an integer >= 1"
+
+
+@dataclasses.dataclass(frozen=True)
 class DebugSection:
     dump_dir: str | None = None
     strict: bool = False  # a pass that matches nothing where it should is an error, not a warning
@@ -132,6 +166,7 @@ class Recipe:
     passes: tuple[PassSpec, ...] = ()
     lowering: LoweringSection = dataclasses.field(default_factory=LoweringSection)
     runtime: RuntimeSection = dataclasses.field(default_factory=RuntimeSection)
+    speculative: SpeculativeSection = dataclasses.field(default_factory=SpeculativeSection)
     debug: DebugSection = dataclasses.field(default_factory=DebugSection)
     source_file: str | None = dataclasses.field(default=None, compare=False)
 
@@ -253,6 +288,7 @@ class _Sections:
     parallel: ParallelSection = dataclasses.field(default_factory=ParallelSection)
     lowering: LoweringSection = dataclasses.field(default_factory=LoweringSection)
     runtime: RuntimeSection = dataclasses.field(default_factory=RuntimeSection)
+    speculative: SpeculativeSection = dataclasses.field(default_factory=SpeculativeSection)
     debug: DebugSection = dataclasses.field(default_factory=DebugSection)
 
 

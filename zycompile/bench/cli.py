@@ -136,9 +136,13 @@ def cmd_bench(args) -> int:
                 hf.warmup(c)
             runner = lambda c, hf=hf: hf.serve(items, c)  # noqa: E731
         results[system], timings[system] = {}, {}
+        spec = gen.speculator if system == "zycompile" else None
         for c in tqdm(cs, desc=system, unit="c", file=sys.stderr, disable=not main_rank):
+            before = type(spec.stats)(**vars(spec.stats)) if spec else None
             t = runner(c)
             m = metrics.summarize(t)
+            if spec:  # acceptance rate, mean accepted drafts per verify, tokens per target forward
+                m.update({f"spec_{k}": v for k, v in spec.stats.since(before).as_dict().items()})
             steps_per_s = m["output_throughput"] / c
             m["mbu"] = (wbytes + c * kv) * steps_per_s / bandwidth
             m["tokens_per_dollar"] = metrics.tokens_per_dollar(m["output_throughput"], price)

@@ -47,6 +47,18 @@ def markdown(results: dict[str, dict[int, dict[str, float]]], concurrencies: lis
                 f"{_fmt(m.get('ttft_p99_ms'))} | {_fmt(m.get('tpot_median_ms'))} | {_fmt(m.get('itl_p99_ms'))} | "
                 f"{_fmt(m.get('request_throughput'), 2)} | {_pct(m.get('mbu'))} | {_fmt(m.get('tokens_per_dollar'), 0)} |"
             )
+    spec = [(s, c, m) for s, by_c in results.items() for c, m in by_c.items() if "spec_acceptance_rate" in m]
+    if spec:
+        lines += [
+            "",
+            "| system | c | speculative acceptance | mean accepted / verify | tokens / target forward |",
+        ]
+        lines.append("|---|---|---|---|---|")
+        for s, c, m in spec:
+            lines.append(
+                f"| {s} | {c} | {_pct(m['spec_acceptance_rate'])} | {_fmt(m['spec_mean_accepted'], 2)} | "
+                f"{_fmt(m['spec_tokens_per_forward'], 2)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -19,8 +19,9 @@ def warmup(gen: Generator, concurrency: int) -> None:
     """Compile every graph the run can need: each prefill bucket (one request into a slot) and each
     decode batch bucket up to the one covering ``concurrency`` slots."""
     dev = gen.device
+    prefill = gen.speculator.prefill_chunk if gen.speculator else gen.prefill_chunk
     for width in gen.prefill_buckets:
-        gen.prefill_chunk([[1] * width], [width], 0, width, torch.tensor([0], device=dev))
+        prefill([[1] * width], [width], 0, width, torch.tensor([0], device=dev))
     top = bucket_for(concurrency, gen.batch_buckets)
     for b in gen.batch_buckets:
         if b > top:
@@ -29,6 +30,15 @@ def warmup(gen: Generator, concurrency: int) -> None:
         gen.step(
             torch.ones(b, 1, dtype=torch.long, device=dev), pos, torch.zeros(b, dtype=torch.long, device=dev)
         )
+    if gen.speculator:  # the verify and drafter graphs of each batch bucket: a few short requests
+        for b in [b for b in gen.batch_buckets if b <= top]:
+            engine = Engine(gen, max_concurrency=b)
+            for _ in range(b):
+                engine.add_request(
+                    [1, 2, 3] * 3, SamplingParams(max_new_tokens=4 * gen.speculator.k, ignore_eos=True)
+                )
+            engine.run()
+        gen.speculator.stats = type(gen.speculator.stats)()
     gen.cache.reset()
 
 

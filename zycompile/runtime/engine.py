@@ -128,7 +128,8 @@ class Engine:
         chunk = self.gen.prefill_buckets[-1]
         count = min(chunk, len(req.prompt) - req.prefilled)
         rows = torch.tensor([req.slot], device=self.gen.device)
-        logits = self.gen.prefill_chunk([req.prompt], [len(req.prompt)], req.prefilled, count, rows)
+        prefill = self.gen.speculator.prefill_chunk if self.gen.speculator else self.gen.prefill_chunk
+        logits = prefill([req.prompt], [len(req.prompt)], req.prefilled, count, rows)
         req.prefilled += count
         if req.prefilled == len(req.prompt):
             tok = sample(logits, [req.params], [req.generator])[0].item()
@@ -136,6 +137,8 @@ class Engine:
 
     def _decode(self, reqs: list[Request]) -> None:
         bsz = bucket_for(max(self.running) + 1, self.gen.batch_buckets)
+        if self.gen.speculator:
+            return self._decode_speculative(reqs, bsz)
         ids = torch.zeros(bsz, 1, dtype=torch.long)
         # Idle rows write at the last position, which no request reads before writing it itself.
         pos = torch.full((bsz, 1), self.gen.max_seq_len - 1, dtype=torch.long)
@@ -152,6 +155,27 @@ class Engine:
         toks = sample(logits, params, gens).tolist()
         for r in reqs:
             self._emit(r, toks[r.slot])
+
+    def _decode_speculative(self, reqs: list[Request], bsz: int) -> None:
+        """One draft + verify round over the batch; each request keeps its own accepted length."""
+        ctx: list[list[int]] = [[] for _ in range(bsz)]  # idle rows: empty (the drafters skip them)
+        pending = torch.zeros(bsz, dtype=torch.long)
+        pos = torch.full((bsz,), self.gen.max_seq_len - 1, dtype=torch.long)
+        params = [SamplingParams()] * bsz
+        gens: list[torch.Generator | None] = [None] * bsz
+        active = [False] * bsz
+        for r in reqs:
+            ctx[r.slot] = r.prompt + r.output
+            pending[r.slot], pos[r.slot] = r.next_token, len(ctx[r.slot]) - 1
+            params[r.slot], gens[r.slot], active[r.slot] = r.params, r.generator, True
+        gained = self.gen.speculator.round(ctx, pending, pos, params, gens, active)
+        self.decode_steps += 1
+        for r in reqs:
+            for tok in gained[r.slot]:
+                if r.done:
+                    break
+                self._emit(r, tok)
+                self.gen.speculator.stats.emitted += 1
 
     def _emit(self, req: Request, tok: int) -> None:
         now = self.clock()

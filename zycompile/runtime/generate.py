@@ -31,6 +31,7 @@ class GenerationOutput:
     decode_s: float
     decode_steps: int
     mbu: float | None = None
+    speculative: dict | None = None  # SpecStats.as_dict() of this call, when the recipe speculates
 
     @property
     def decode_tok_s(self) -> float:
@@ -69,6 +70,9 @@ class Generator:
         self.on_compile: Callable[[str], None] | None = None
         self.bandwidth: float | None = None
         self.weight_bytes = 0
+        from zycompile.runtime.speculative import build_speculator  # it imports this module
+
+        self.speculator = build_speculator(self)  # None unless recipe.speculative.method is set
 
     def _can_split_head(self) -> bool:
         # Gather the last hidden state per row before the LM head (prefill computes V logits for one
@@ -204,14 +208,18 @@ class Generator:
                     f"{len(s) + max_new_tokens} positions but runtime.max_seq_len is {self.max_seq_len}"
                 )
         cap = self.batch_buckets[-1]
-        outs = [self._generate_group(seqs[i : i + cap], params, stream, i) for i in range(0, len(seqs), cap)]
+        group = self.speculator.generate_group if self.speculator else self._generate_group
+        before = dataclasses.replace(self.speculator.stats) if self.speculator else None
+        outs = [group(seqs[i : i + cap], params, stream, i) for i in range(0, len(seqs), cap)]
         tokens = [t for o in outs for t in o[0]]
         texts = None
         if self.tokenizer is not None:
             texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
         ttft, decode_s, steps = outs[0][1], sum(o[2] for o in outs), sum(o[3] for o in outs)
         result = GenerationOutput(tokens, texts, [len(s) for s in seqs], ttft, decode_s, steps)
-        if steps and len(seqs) == 1:
+        if self.speculator:  # MBU's bytes-per-token model assumes one forward per token: not reported
+            result.speculative = self.speculator.stats.since(before).as_dict()
+        elif steps and len(seqs) == 1:
             result.mbu = self.decode_mbu(result.decode_tok_s, len(seqs[0]) + steps / 2)
         return result
 

@@ -53,14 +53,16 @@ def sample(
 
 
 def probabilities(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution a sampled token is drawn from: temperature, then top-k, then top-p (nucleus)."""
+    """The distribution a sampled token is drawn from: temperature, then top-k, then top-p (nucleus).
+
+    ``logits`` is [..., V] (speculative decoding asks for several positions at once)."""
     x = logits.float() / max(p.temperature, 1e-6)
     if p.top_k and p.top_k < x.shape[-1]:
-        kth = torch.topk(x, p.top_k).values[-1]
+        kth = torch.topk(x, p.top_k).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
     if p.top_p < 1.0:
         sorted_x, order = torch.sort(x, descending=True)
         cum = sorted_x.softmax(-1).cumsum(-1)
         drop = cum - sorted_x.softmax(-1) >= p.top_p  # keep the smallest prefix reaching top_p
-        x = x.scatter(0, order, sorted_x.masked_fill(drop, float("-inf")))
+        x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
     return x.softmax(-1)

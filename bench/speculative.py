@@ -1,0 +1,141 @@
+"""Speculative decoding benchmark (c=1): each drafter vs zycompile without speculation, in one run.
+
+SmolLM2 fp32, ShareGPT prompts (chat template), 64 new tokens, greedy. Asserts that every drafter's
+output is token-for-token identical to plain greedy decoding on every prompt (>= 50 by default), and
+reports decode tok/s (median over prompts), the speedup over plain zycompile, acceptance rate, mean
+accepted drafts per verify and tokens per target forward. HF eager ``generate`` with and without
+``prompt_lookup_num_tokens`` runs on the first ``--hf-prompts`` prompts for comparison.
+
+    python bench/speculative.py --drafters ngram early_exit
+    python bench/speculative.py --drafters eagle
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import zycompile
+from zycompile.bench.machine import machine_line
+from zycompile.bench.report import publish
+from zycompile.data import sample_sharegpt
+from zycompile.models import load_model
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+# name -> (recipe, overrides)
+DRAFTERS = {
+    "ngram": ("smollm2-135m", ["speculative.method=ngram", "speculative.num_tokens=4"]),
+    "early_exit": ("smollm2-135m", ["speculative.method=early_exit", "speculative.exit_layer=20"]),
+    "eagle": ("smollm2-135m-eagle", []),
+}
+
+
+def run_zy(recipe, overrides, prompts, new_tokens, log):
+    opt = zycompile.optimize(None, recipe, overrides=overrides)
+    gen = opt.generator()
+    gen.on_compile = log
+    t0 = time.perf_counter()
+    gen.generate([prompts[0]], max_new_tokens=new_tokens, ignore_eos=True)  # compiles every graph
+    log(f"warm-up (compile) {time.perf_counter() - t0:.0f}s")
+    spec = gen.speculator
+    before = None if spec is None else type(spec.stats)(**vars(spec.stats))
+    tokens, rates = [], []
+    for ids in prompts:
+        out = gen.generate([ids], max_new_tokens=new_tokens, ignore_eos=True)
+        tokens.append(out.tokens[0])
+        rates.append(out.decode_tok_s)
+    stats = None if spec is None else spec.stats.since(before).as_dict()
+    return tokens, statistics.median(rates), stats
+
+
+def hf_rate(model, ids, new_tokens, lookup: int | None) -> tuple[float, list[int]]:
+    kw = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    if lookup:
+        kw["prompt_lookup_num_tokens"] = lookup
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model.generate(x, **{**kw, "max_new_tokens": 1, "min_new_tokens": 1})
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(x, **kw)
+        total = time.perf_counter() - t0
+    return (new_tokens - 1) / max(total - ttft, 1e-9), out[0, len(ids) :].tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--drafters", nargs="+", choices=list(DRAFTERS), default=list(DRAFTERS))
+    ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--hf-prompts", type=int, default=10, help="prompts for the HF comparison (0: skip)")
+    ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
+    args = ap.parse_args()
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+
+    base_recipe = zycompile.load_recipe("smollm2-135m")
+    tok = load_model(base_recipe.model.source).tokenizer
+    reqs = sample_sharegpt(tok, args.prompts, seed=0, max_prompt_len=base_recipe.runtime.prefill_buckets[-1])
+    chats = [
+        tok.apply_chat_template([{"role": "user", "content": r.prompt}], add_generation_prompt=True)
+        for r in reqs
+    ]
+    prompts = [list(c["input_ids"] if hasattr(c, "keys") else c) for c in chats]
+    log(machine_line())
+
+    log("zycompile, no speculation")
+    ref, base_rate, _ = run_zy("smollm2-135m", [], prompts, args.new_tokens, log)
+    rows = [("zycompile (no speculation)", len(prompts), base_rate, None, "reference")]
+    failures = []
+    for name in args.drafters:
+        recipe, overrides = DRAFTERS[name]
+        log(f"zycompile + {name}")
+        toks, rate, stats = run_zy(recipe, overrides, prompts, args.new_tokens, log)
+        same = sum(a == b for a, b in zip(toks, ref))
+        if same != len(ref):
+            failures.append(f"{name}: {len(ref) - same} of {len(ref)} prompts differ from plain greedy")
+        rows.append((f"zycompile + {name}", len(prompts), rate, stats, f"{same}/{len(ref)}"))
+    if args.hf_prompts:
+        hf = load_model(base_recipe.model.source, base_recipe.model.dtype).model
+        sub = prompts[: args.hf_prompts]
+        for label, lookup in (("HF eager generate", None), ("HF eager prompt lookup (4 tokens)", 4)):
+            log(label)
+            hf_rate(hf, sub[0], 8, lookup)  # warm-up
+            res = [hf_rate(hf, ids, args.new_tokens, lookup) for ids in sub]
+            same = sum(t == r for (_, t), r in zip(res, ref))
+            rows.append((label, len(sub), statistics.median(r for r, _ in res), None, f"{same}/{len(sub)}"))
+
+    lines = [
+        f"\n## speculative decoding c=1 — {time.strftime('%Y-%m-%d %H:%M')}",
+        "",
+        f"`python bench/speculative.py {' '.join(sys.argv[1:])}` — {machine_line()}",
+        f"SmolLM2-135M-Instruct fp32, recipe `smollm2-135m` (+ speculative overrides), {len(prompts)} ShareGPT "
+        f"prompts (chat template), {args.new_tokens} new tokens, greedy; decode tok/s = median over prompts; "
+        "identical = prompts whose output equals zycompile's plain greedy output token for token",
+        "",
+        "| system | prompts | decode tok/s | vs zycompile plain | acceptance | mean accepted / verify "
+        "| tokens / target forward | identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, n, rate, st, same in rows:
+        acc = (
+            " |  | "
+            if st is None
+            else f"{st['acceptance_rate']:.0%} | {st['mean_accepted']:.2f} | {st['tokens_per_forward']:.2f}"
+        )
+        lines.append(f"| {name} | {n} | {rate:.1f} | {rate / base_rate:.2f}x | {acc} | {same} |")
+    for name, (recipe, overrides) in DRAFTERS.items():
+        if name in args.drafters:
+            lines.append(f"- {name}: recipe `{recipe}` {' '.join(f'--set {o}' for o in overrides)}".rstrip())
+    publish(lines, None if args.no_write else RESULTS)
+    if failures:
+        sys.exit("greedy identity FAILED: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Speculative decoding: greedy output identical to plain decoding with every drafter, rejection sampling
+keeps the target distribution (and a broken rule is caught), rollback by masking, engine, adaptive k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import zycompile
+from zycompile.errors import RecipeError
+from zycompile.models import load_model
+from zycompile.runtime.eagle import EagleHead, save_head
+from zycompile.runtime.engine import Engine
+from zycompile.runtime.sampling import SamplingParams
+from zycompile.runtime.speculative import accept_greedy, accept_rejection
+
+FAST = ["lowering.backend=aot_eager", "runtime.prefill_buckets=[8, 32]", "runtime.max_seq_len=96"]
+# Repetitive prompts give the ngram drafter matches; the others exercise the no-match path.
+PROMPTS = [[5, 17, 33, 2, 9, 5, 17, 33, 2], [7, 8], list(range(40, 75)), [100, 101, 102, 100, 101]]
+N_NEW = 16
+DRAFTERS = {
+    "ngram": ["speculative.method=ngram"],
+    "early_exit": ["speculative.method=early_exit", "speculative.exit_layer=1"],
+    "draft_model": [
+        "speculative.method=draft_model",
+        "speculative.draft_model=tiny:llama?num_hidden_layers=1",
+    ],
+    "draft_model_same": ["speculative.method=draft_model", "speculative.draft_model=tiny:llama"],
+}
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    torch._dynamo.reset()
+    opt = zycompile.optimize("tiny:llama", "llama-tiny", overrides=FAST)
+    return opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True).tokens
+
+
+@pytest.fixture(scope="module")
+def tiny_head(tmp_path_factory):
+    model = load_model("tiny:llama").model
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        head = EagleHead(model.config, type(model.model.layers[0]), torch.arange(0, 512, 2))
+    path = tmp_path_factory.mktemp("heads") / "tiny-eagle.safetensors"
+    save_head(head, path, {"target": "tiny:llama", "hidden_size": 64, "vocab_size": 512})
+    return str(path)
+
+
+def _spec(extra):
+    return zycompile.optimize("tiny:llama", "llama-tiny", overrides=FAST + extra)
+
+
+# ---- acceptance rules ------------------------------------------------------------------------
+
+
+def test_accept_greedy_takes_longest_matching_prefix_then_target_token():
+    v = 10
+    target = torch.tensor([[3, 4, 5, 6], [3, 9, 5, 6], [1, 1, 1, 1]])  # argmax at positions 0..3
+    logits = torch.nn.functional.one_hot(target, v).float()
+    draft = torch.tensor([[3, 4, 5], [3, 4, 5], [2, 1, 1]])
+    n, nxt = accept_greedy(draft, logits)
+    assert n.tolist() == [3, 1, 0]
+    assert nxt.tolist() == [6, 9, 1]  # bonus after all 3; correction after 1; correction at once
+
+
+def _rejection_samples(broken: bool, rows=30000, vocab=6, k=3, seed=0):
+    """First emitted token of one round, over many independent rounds with fixed p and q."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=g) * 1.5, -1)
+    q = torch.softmax(torch.randn(k, vocab, generator=g) * 1.5, -1)
+    draft = torch.stack([torch.multinomial(q[j], rows, replacement=True, generator=g) for j in range(k)], 1)
+    u = torch.rand(rows, k, generator=g)
+    P, Q = p.expand(rows, -1, -1), q.expand(rows, -1, -1)
+    if not broken:
+        n, nxt = accept_rejection(draft, Q, P, u, [g] * rows)
+    else:  # a classic bug: on rejection, resample from p instead of max(0, p - q)
+        n = u * Q.gather(-1, draft[..., None])[..., 0] < P[:, :k].gather(-1, draft[..., None])[..., 0]
+        n = n.long().cumprod(1).sum(1)
+        nxt = torch.multinomial(P[torch.arange(rows), n], 1, generator=g)[:, 0]
+    first = torch.where(n > 0, draft[:, 0], nxt)
+    return first, p[0], n
+
+
+def _chi_square(samples, probs) -> float:
+    counts = torch.bincount(samples, minlength=len(probs)).double()
+    expected = probs.double() * len(samples)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+CHI2_DF5_P001 = 20.515  # chi-square critical value, 5 degrees of freedom, p = 0.001
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    first, p0, n = _rejection_samples(broken=False)
+    assert 0 < n.float().mean() < 3  # both outcomes occur: the test exercises acceptance and rejection
+    assert _chi_square(first, p0) < CHI2_DF5_P001
+
+
+def test_broken_acceptance_rule_fails_the_same_test():
+    first, p0, _ = _rejection_samples(broken=True)
+    assert _chi_square(first, p0) > 10 * CHI2_DF5_P001
+
+
+def test_bonus_token_follows_the_last_position():
+    # q == p: every draft is accepted, and the bonus comes from p[k] alone.
+    g = torch.Generator().manual_seed(1)
+    rows, vocab, k = 20000, 5, 2
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=g), -1)
+    draft = torch.stack([torch.multinomial(p[j], rows, replacement=True, generator=g) for j in range(k)], 1)
+    n, nxt = accept_rejection(
+        draft,
+        p[:k].expand(rows, -1, -1),
+        p.expand(rows, -1, -1),
+        torch.rand(rows, k, generator=g),
+        [g] * rows,
+    )
+    assert bool((n == k).all())
+    assert _chi_square(nxt, p[k]) < 18.47  # 4 degrees of freedom, p = 0.001
+
+
+# ---- greedy identity with every drafter ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(DRAFTERS))
+def test_greedy_output_identical_to_plain_decoding(name, reference):
+    opt = _spec(DRAFTERS[name])
+    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
+    assert out.tokens == reference
+    assert [opt.generate([p], max_new_tokens=N_NEW, ignore_eos=True).tokens[0] for p in PROMPTS] == reference
+    s = out.speculative
+    assert s["drafted"] > 0 and 0 <= s["acceptance_rate"] <= 1
+    assert s["tokens_per_forward"] == pytest.approx(1 + s["mean_accepted"], abs=0.5)
+    if name == "draft_model_same":  # the draft is the target: everything is accepted
+        assert s["acceptance_rate"] == 1.0 and s["tokens_per_forward"] > 4
+
+
+def test_eagle_greedy_identical(reference, tiny_head):
+    opt = _spec(
+        ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}", "speculative.num_tokens=3"]
+    )
+    assert opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True).tokens == reference
+
+
+def test_eagle_drafts_equal_a_cache_free_reference(tiny_head):
+    """The head's incremental drafting (catch-up entries, its own KV cache, fed-back features) gives
+    the drafts a plain causal forward over the whole entry sequence gives."""
+    opt = _spec(
+        ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}", "speculative.num_tokens=3"]
+    )
+    gen = opt.generator()
+    drafter = gen.speculator.drafter
+    prompt = PROMPTS[2]
+    y = int(gen.speculator.prefill([prompt], [len(prompt)]).argmax(-1))
+    pos = torch.tensor([len(prompt)])
+    draft, _ = drafter.propose([prompt + [y]], torch.tensor([y]), pos, [SamplingParams()], [None], 3)
+    with torch.no_grad():
+        seq = prompt + [y]
+        feats = gen.decoder(input_ids=torch.tensor([seq]), use_cache=False).last_hidden_state[0]
+        feats, toks, ref = list(feats[:-1]), seq[1:], []
+        for _ in range(3):
+            t = len(toks)
+            emb = gen.decoder.embed_tokens(torch.tensor([toks]))
+            p = torch.arange(t)[None]
+            mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+            g = drafter.head(torch.stack(feats)[None], emb, mask, p, gen.decoder.rotary_emb(emb, p))[0, -1]
+            ref.append(int(drafter.head.vocab_ids[(g @ drafter.w_draft.T).argmax()]))
+            feats.append(g)
+            toks.append(ref[-1])
+    assert draft[0].tolist() == ref
+
+
+def test_adaptive_k_moves_and_output_stays_identical(reference):
+    opt = _spec(DRAFTERS["draft_model_same"] + ["speculative.adaptive=true", "speculative.num_tokens=5"])
+    spec = opt.generator().speculator
+    spec.k = 1
+    assert opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True).tokens == reference
+    assert spec.k > 1  # every round was fully accepted: k grew
+    opt = _spec(DRAFTERS["draft_model"] + ["speculative.adaptive=true", "speculative.num_tokens=3"])
+    assert opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True).tokens == reference
+    assert opt.generator().speculator.k == 1  # the random draft is always rejected: k shrank to min
+
+
+def test_rejected_positions_are_invisible_without_rollback():
+    """A verify writes garbage drafts into slots past the accepted position; the next step (at that
+    position) gives exactly the logits it gives on a cache that never saw them."""
+    prompt = PROMPTS[2]
+    plain = zycompile.optimize("tiny:llama", "llama-tiny", overrides=FAST).generator()
+    spec = _spec(["speculative.method=ngram"]).generator()
+    for g in (plain, spec):
+        g.prefill([prompt], [len(prompt)])
+    garbage = torch.tensor([[7, 300, 301, 302, 303]])  # pending token 7, then 4 wrong drafts
+    pos = torch.arange(len(prompt), len(prompt) + 5)[None]
+    spec.speculator.forward(garbage, pos)
+    assert spec.cache.keys[0][0, :, len(prompt) + 4].abs().sum() > 0  # stale entries really are there
+    zero = torch.zeros(1, dtype=torch.long)
+    step = torch.tensor([[7]]), torch.tensor([[len(prompt)]])
+    torch.testing.assert_close(spec.step(*step, zero), plain.step(*step, zero), rtol=0, atol=1e-5)
+
+
+def test_verify_graph_compiles_once_per_k():
+    opt = _spec(DRAFTERS["early_exit"])
+    for p in PROMPTS[:2]:  # both prefill buckets, the verify graph and the draft step
+        opt.generate([p], max_new_tokens=8, ignore_eos=True)
+    graphs = counters["stats"]["unique_graphs"]
+    for p in PROMPTS[2:] + PROMPTS[:2]:
+        opt.generate([p], max_new_tokens=12, ignore_eos=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_sampling_with_seed_is_reproducible():
+    opt = _spec(DRAFTERS["draft_model"])
+    kw = dict(max_new_tokens=12, ignore_eos=True, temperature=0.8, top_k=50, seed=3)
+    a = opt.generate(PROMPTS[:2], **kw).tokens
+    assert a == opt.generate(PROMPTS[:2], **kw).tokens
+    assert all(len(t) == 12 for t in a)
+
+
+# ---- engine ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ngram", "draft_model", "eagle"])
+def test_engine_requests_get_their_plain_greedy_tokens(name, reference, tiny_head):
+    extra = (
+        ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}"]
+        if name == "eagle"
+        else DRAFTERS[name]
+    )
+    gen = _spec(extra).generator()
+    eng = Engine(gen, max_concurrency=3)
+    params = SamplingParams(max_new_tokens=N_NEW, ignore_eos=True)
+    reqs = [eng.add_request(p, params) for p in PROMPTS[:2]]
+    for _ in range(3):  # two decoding when the others join
+        eng.step()
+    reqs += [eng.add_request(p, params) for p in PROMPTS[2:]]
+    eng.run()
+    assert [r.output for r in reqs] == reference
+    assert gen.speculator.stats.rounds > 0
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def test_bad_drafter_configs_are_one_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match="exit_layer: got 2; the target has 2 layers"):
+        _spec(["speculative.method=early_exit", "speculative.exit_layer=2"]).generator()
+    with pytest.raises(RecipeError, match="1024 tokens, the target 512"):
+        _spec(
+            ["speculative.method=draft_model", "speculative.draft_model=tiny:llama?vocab_size=1024"]
+        ).generator()
+    with pytest.raises(RecipeError, match="eagle_head: file 'nope.safetensors' not found"):
+        _spec(["speculative.method=eagle", "speculative.eagle_head=nope.safetensors"]).generator()
+    model = load_model("tiny:llama?hidden_size=32&head_dim=8").model
+    head = EagleHead(model.config, type(model.model.layers[0]), torch.arange(10))
+    save_head(head, tmp_path / "h.safetensors", {"target": "x", "hidden_size": 32, "vocab_size": 512})
+    with pytest.raises(RecipeError, match="trained for hidden_size 32"):
+        _spec(
+            ["speculative.method=eagle", f"speculative.eagle_head={tmp_path / 'h.safetensors'}"]
+        ).generator()

@@ -1,0 +1,358 @@
+"""Speculative decoding over the static KV cache: draft k tokens cheaply, verify them in one target forward.
+
+One round, for every row of the batch at once:
+
+    drafter.propose  -> d_1..d_k            (ngram lookup, a draft model, early exit, or an EAGLE head)
+    verify           -> target logits at the k+1 positions of [pending, d_1..d_k]   (one forward)
+    accept           -> n accepted drafts, then one more token (the correction, or a bonus when n == k)
+
+``_verify`` is its own compiled function (``[B, k+1]`` static, one graph per k) that keeps the logits
+of every position, where the decode step gathers one. Acceptance is tensor code on the logits' device:
+greedy keeps the longest prefix of drafts equal to the target's argmax (so the output is exactly
+greedy decoding); sampling is rejection sampling (accept d with min(1, p(d)/q(d)), else draw from
+max(0, p - q) normalised), so every token is distributed exactly as the target's ``probabilities``.
+
+Rollback of rejected drafts costs nothing: row b's token at position p lives in cache slot p and a
+query at position q attends only to slots <= q, so slots past the last accepted position are
+invisible, and the next round writes over them before any query can see them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from zycompile.errors import GenerationError
+from zycompile.runtime.generate import bucket_for
+from zycompile.runtime.sampling import SamplingParams, probabilities, sample
+
+GREEDY = SamplingParams()
+
+
+@dataclasses.dataclass
+class SpecStats:
+    """Counters of the decode loop; a "round" is one sequence's share of one target forward."""
+
+    forwards: int = 0  # target forwards of the decode loop (verify, or a plain step when nothing was drafted)
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0  # tokens the rounds added to outputs (accepted drafts + correction/bonus)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Accepted drafts per target forward per sequence (the bonus/correction token not counted)."""
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.emitted / self.rounds if self.rounds else 0.0
+
+    def since(self, before: SpecStats) -> SpecStats:
+        """The counts added after the snapshot ``before`` (``dataclasses.replace(stats)``)."""
+        return SpecStats(*(getattr(self, f.name) - getattr(before, f.name) for f in dataclasses.fields(self)))
+
+    def as_dict(self) -> dict[str, float]:
+        d: dict[str, float] = dataclasses.asdict(self)
+        d.update(
+            acceptance_rate=self.acceptance_rate,
+            mean_accepted=self.mean_accepted,
+            tokens_per_forward=self.tokens_per_forward,
+        )
+        return d
+
+    def summary(self) -> str:
+        return format_stats(self.as_dict())
+
+
+def format_stats(d: dict) -> str:
+    return (
+        f"acceptance {d['acceptance_rate']:.0%}, mean accepted {d['mean_accepted']:.2f} per verify, "
+        f"{d['tokens_per_forward']:.2f} tokens per target forward"
+    )
+
+
+# ---- acceptance (pure tensor functions; tested on their own) -----------------------------------
+
+
+def accept_greedy(draft: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draft`` [B, k], target ``logits`` [B, k+1, V] -> (accepted count n [B], next token [B])."""
+    target = logits.argmax(-1)
+    n = (draft == target[:, :-1]).long().cumprod(1).sum(1)
+    return n, target.gather(1, n[:, None])[:, 0]
+
+
+def accept_rejection(
+    draft: torch.Tensor,
+    q: torch.Tensor,
+    p: torch.Tensor,
+    u: torch.Tensor,
+    generators: list[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rejection sampling. ``q`` [B, k, V]: the draft distributions d was drawn from (one-hot for a
+    deterministic drafter); ``p`` [B, k+1, V]: the target's; ``u`` [B, k] uniform in [0, 1)."""
+    bsz, k = draft.shape
+    pd = p[:, :k].gather(-1, draft[..., None])[..., 0]
+    qd = q.gather(-1, draft[..., None])[..., 0]
+    n = (u * qd < pd).long().cumprod(1).sum(1)  # u < p/q: accepted with probability min(1, p/q)
+    idx = n[:, None, None].expand(bsz, 1, p.shape[-1])
+    p_n = p.gather(1, idx)[:, 0]
+    q_n = torch.cat([q, torch.zeros_like(q[:, :1])], 1).gather(1, idx)[:, 0]  # n == k: bonus from p
+    resid = (p_n - q_n).clamp_min(0)
+    mass = resid.sum(-1, keepdim=True)
+    resid = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p_n)
+    nxt = torch.stack([torch.multinomial(resid[b], 1, generator=generators[b])[0] for b in range(bsz)])
+    return n, nxt
+
+
+def accept(
+    draft: torch.Tensor,
+    q: torch.Tensor | None,
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy rows take the argmax prefix; sampled rows are rejection-sampled with their own params."""
+    n, nxt = accept_greedy(draft, logits)
+    rows = [b for b, p in enumerate(params) if not p.greedy]
+    if rows:
+        k, vocab = draft.shape[1], logits.shape[-1]
+        sel = torch.tensor(rows, device=draft.device)
+        p = torch.stack([probabilities(logits[b], params[b]) for b in rows])
+        qs = (
+            q[sel]
+            if q is not None
+            else torch.nn.functional.one_hot(draft[sel], vocab).to(p.dtype)  # deterministic drafts
+        )
+        u = torch.stack([torch.rand(k, generator=generators[b]) for b in rows]).to(p.device)
+        ns, nx = accept_rejection(draft[sel], qs, p, u, [generators[b] for b in rows])
+        n[sel], nxt[sel] = ns, nx
+    return n, nxt
+
+
+def pick(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A draft token per row and, for sampled rows, the distribution it came from ([B, V], else None)."""
+    tok = logits.argmax(-1)
+    rows = [b for b, p in enumerate(params) if not p.greedy]
+    if not rows:
+        return tok, None
+    q = torch.zeros_like(logits, dtype=torch.float32)
+    for b in rows:
+        q[b] = probabilities(logits[b], params[b])
+        tok[b] = torch.multinomial(q[b], 1, generator=generators[b])[0]
+    return tok, q
+
+
+# ---- the speculator ----------------------------------------------------------------------------
+
+
+class Speculator:
+    """Owns the drafter, the compiled verify function and the metrics of one Generator."""
+
+    def __init__(self, gen: Any, spec: Any):
+        from zycompile.runtime.drafters import build_drafter
+
+        self.gen, self.spec = gen, spec
+        self.k = spec.num_tokens
+        self.stats = SpecStats()
+        self.compiled_forward = torch.compile(self._forward, backend=gen.opt.backend, dynamic=False)
+        self.seen_shapes: set[tuple] = set()
+        self.drafter = build_drafter(gen, spec)
+
+    # ---- compiled target forward: logits at every position (verify) or at ``last`` (prefill) ----
+
+    def _forward(self, ids, pos, last=None, rows=None):
+        gen = self.gen
+        cache = gen.cache
+        cache.write_pos, cache.rows = pos, rows
+        keys = torch.arange(gen.max_seq_len, device=pos.device)
+        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
+        kwargs = {gen.cache_kw: cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
+        if gen._can_split_head():
+            hidden = gen.decoder(input_ids=ids, **kwargs).last_hidden_state
+            sel = hidden if last is None else hidden[torch.arange(ids.shape[0], device=ids.device), last]
+            return gen.head(sel).float(), hidden
+        out = gen.model(input_ids=ids, output_hidden_states=True, **kwargs)
+        logits = (
+            out.logits if last is None else out.logits[torch.arange(ids.shape[0], device=ids.device), last]
+        )
+        return logits.float(), out.hidden_states[-1]
+
+    def forward(self, ids, pos, last=None, rows=None):
+        dyn = last is not None and self.gen.dynamic_prefill and ids.shape[1] > 1  # one symbolic-length graph
+        key = (ids.shape[0], "dyn" if dyn else ids.shape[1], last is None, rows is None)
+        if key not in self.seen_shapes:
+            self.seen_shapes.add(key)
+            if self.gen.on_compile:
+                what = f"verify graph for k={ids.shape[1] - 1}" if last is None else "prefill graph (hidden)"
+                self.gen.on_compile(f"compiling {what}, batch {ids.shape[0]} x {ids.shape[1]} tokens")
+        with torch.no_grad():
+            return self.compiled_forward(ids, pos, last, rows)
+
+    # ---- prefill: the target's, plus what the drafter keeps of the prompt ----------------------
+
+    def prefill_chunk(self, rows, lens, start, count, cache_rows=None) -> torch.Tensor:
+        gen = self.gen
+        bsz = len(rows)
+        if start == 0:
+            reset = range(bsz) if cache_rows is None else cache_rows.tolist()
+            for r in reset:
+                self.drafter.reset_row(r)
+        if not self.drafter.needs_hidden:
+            logits = gen.prefill_chunk(rows, lens, start, count, cache_rows)
+            self.drafter.prefill_chunk(rows, lens, start, count, cache_rows, None)
+            return logits
+        # Same inputs as Generator.prefill_chunk, through the forward that also returns hidden states.
+        width = count if gen.dynamic_prefill else bucket_for(count, gen.prefill_buckets)
+        ids = torch.zeros(bsz, width, dtype=torch.long)
+        for b, r in enumerate(rows):
+            piece = r[start : start + min(width, count)]
+            ids[b, : len(piece)] = torch.tensor(piece, dtype=torch.long)
+        pos = (torch.arange(width) + start).clamp(max=gen.max_seq_len - 1).expand(bsz, width).contiguous()
+        last = torch.tensor([min(max(n - 1 - start, 0), width - 1) for n in lens])
+        ids, pos, last = ids.to(gen.device), pos.to(gen.device), last.to(gen.device)
+        if gen.dynamic_prefill and width > 1:
+            for t in (ids, pos):
+                torch._dynamo.mark_dynamic(t, 1, min=2, max=gen.prefill_buckets[-1])
+        logits, hidden = self.forward(ids, pos, last, cache_rows)
+        self.drafter.prefill_chunk(rows, lens, start, count, cache_rows, hidden)
+        return logits
+
+    def prefill(self, rows, lens) -> torch.Tensor:
+        longest = max(lens)
+        chunk = bucket_for(longest, self.gen.prefill_buckets)
+        logits = None
+        for start in range(0, longest, chunk):
+            out = self.prefill_chunk(rows, lens, start, min(chunk, longest - start))
+            ends_here = torch.tensor([start <= n - 1 < start + chunk for n in lens], device=out.device)
+            logits = out if logits is None else torch.where(ends_here[:, None], out, logits)
+        return logits
+
+    # ---- one round ------------------------------------------------------------------------------
+
+    def round(
+        self,
+        ctx: list[list[int]],
+        pending: torch.Tensor,
+        pos: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list,
+        active: list[bool],
+    ) -> list[list[int]]:
+        """One draft + verify for every row; ``ctx[b]`` is row b's tokens through the pending one (at
+        ``pos[b]``). Returns the tokens each row gains (accepted drafts, then the next token)."""
+        gen, k = self.gen, self.k
+        dev = gen.device
+        top = gen.max_seq_len - 1
+        draft, q = self.drafter.propose(ctx, pending, pos, params, generators, k)
+        if draft is None:  # nothing worth verifying: a plain decode step (its graph already exists)
+            logits = gen.step(pending[:, None].to(dev), pos[:, None].to(dev), torch.zeros_like(pos).to(dev))
+            nxt = sample(logits, params, generators)
+            n = torch.zeros_like(nxt)
+            self.drafter.observe(pos, n, nxt, None, 0)
+            k_used = 0
+        else:
+            ids = torch.cat([pending[:, None], draft], 1).to(dev)
+            vpos = (pos[:, None] + torch.arange(k + 1)).clamp(max=top).to(dev)
+            logits, hidden = self.forward(ids, vpos)
+            n, nxt = accept(draft.to(dev), None if q is None else q.to(dev), logits, params, generators)
+            self.drafter.observe(pos, n, nxt, hidden, k)
+            k_used = k
+        n_list, nxt_list = n.tolist(), nxt.tolist()
+        out = []
+        for b in range(len(ctx)):
+            toks = (draft[b, : n_list[b]].tolist() if k_used else []) + [nxt_list[b]]
+            out.append(toks)
+            if active[b]:
+                self.stats.rounds += 1
+                self.stats.drafted += k_used
+                self.stats.accepted += n_list[b]
+        self.stats.forwards += 1
+        if self.spec.adaptive and k_used:
+            full = all(n_list[b] == k for b in range(len(ctx)) if active[b])
+            self.k = min(k + 1, self.spec.num_tokens) if full else max(k - 1, self.spec.min_tokens)
+        return out
+
+    # ---- Generator.generate's loop for one batch group ------------------------------------------
+
+    def generate_group(self, seqs, params: SamplingParams, stream, offset: int):
+        gen = self.gen
+        t0 = time.perf_counter()
+        n = len(seqs)
+        bsz = bucket_for(n, gen.batch_buckets)
+        lens = [len(s) for s in seqs] + [1] * (bsz - n)
+        rows = seqs + [[0]] * (bsz - n)
+        gens = [
+            None if params.seed is None else torch.Generator().manual_seed(params.seed + offset + i)
+            for i in range(n)
+        ] + [None] * (bsz - n)
+        plist = [params] * n + [GREEDY] * (bsz - n)
+        logits = self.prefill(rows, lens)
+        pending = sample(logits, plist, gens).cpu()
+        ttft = time.perf_counter() - t0
+        out: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n + [True] * (bsz - n)
+        eos = set() if params.ignore_eos else gen.eos_ids()
+        ctx = [list(r) + [int(t)] for r, t in zip(rows, pending)]
+        pos = torch.tensor(lens, dtype=torch.long)
+
+        def emit(i: int, tok: int) -> None:
+            if tok in eos:
+                done[i] = True
+                return
+            out[i].append(tok)
+            if stream is not None:
+                stream(offset + i, tok)
+            if len(out[i]) >= params.max_new_tokens or gen.hit_stop(out[i], params.stop):
+                done[i] = True
+
+        for i in range(n):
+            emit(i, int(pending[i]))
+        t1 = time.perf_counter()
+        while not all(done):
+            gained = self.round(ctx, pending, pos, plist, gens, [not d for d in done])
+            for i, toks in enumerate(gained):
+                for tok in toks:
+                    if i < n and not done[i]:
+                        emit(i, tok)
+                        self.stats.emitted += 1
+                ctx[i].extend(toks)
+            pending = torch.tensor([c[-1] for c in ctx], dtype=torch.long)
+            pos = (pos + torch.tensor([len(g) for g in gained])).clamp(max=gen.max_seq_len - 1)
+        decode_s = time.perf_counter() - t1
+        if params.stop and gen.tokenizer is not None:
+            out = [gen._trim_stop(o, params.stop) for o in out]
+        steps = max((len(o) for o in out), default=1) - 1  # tokens after the first, per sequence
+        return out, ttft, decode_s, steps
+
+
+def build_speculator(gen: Any) -> Speculator | None:
+    spec = getattr(gen.recipe, "speculative", None)
+    if spec is None or spec.method == "none":
+        return None
+    if spec.num_tokens + 1 > gen.max_seq_len:
+        raise GenerationError(
+            f"speculative.num_tokens={spec.num_tokens} needs runtime.max_seq_len > {spec.num_tokens}"
+        )
+    _allow_recompiles(gen, spec)
+    return Speculator(gen, spec)
+
+
+def _allow_recompiles(gen: Any, spec: Any) -> None:
+    """Graphs per compiled function: verify per (batch bucket, k), prefill per bucket; a draft model's
+    Generator shares ``Generator._step``'s code object (and so Dynamo's per-code limit) with the target."""
+    nb, npf = len(gen.batch_buckets), len(gen.prefill_buckets)
+    need = 2 * (npf * nb + 2 * nb) + nb * (spec.num_tokens + 2) + 16
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < need:
+        setattr(cfg, name, need)
