@@ -56,6 +56,7 @@ class PackagedGenerator(Generator):
         self.cache = _Cache(manifest["cache"], self.max_seq_len, device)
         self.runners = runners
         self.seen_shapes, self.on_compile, self.bandwidth = set(), None, None
+        self.speculator = None  # verify graphs are not exported: a package decodes one token per step
 
     def step(self, input_ids, pos, last, rows=None):
         if rows is not None:
