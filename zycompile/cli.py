@@ -1,4 +1,4 @@
-"""The ``zycompile`` command: run | bench | recipe check | recipe show."""
+"""The ``zycompile`` command: run | bench | tune | recipe check | recipe show."""
 
 from __future__ import annotations
 
@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     run.set_defaults(func=cmd_run)
 
+    tune = sub.add_parser("tune", help="time every GEMM candidate for the recipe's shapes; write the winners")
+    _add_recipe_args(tune)
+    tune.add_argument("--out", default=None, help="database file (default: the path `db: auto` reads)")
+    tune.set_defaults(func=cmd_tune)
+
     recipe = sub.add_parser("recipe", help="check or show recipes")
     rsub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
     check = rsub.add_parser("check", help="validate recipe files (exit 1 if any is bad)")
@@ -88,6 +93,22 @@ def cmd_recipe_show(args) -> int:
     r = load_recipe(args.file, args.overrides)
     print(f"# {r.source_file}  hash {r.compute_hash()}")
     print(r.to_yaml(), end="")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from zycompile.recipe import load_recipe
+    from zycompile.tuning.tune import progress_bar, summary_lines, tune
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
+    say = lambda msg: print(f"[zycompile] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    db, rows = tune(recipe, args.out, progress=progress_bar(), log=say)
+    print("\n".join(summary_lines(rows)))
+    say(f"wrote {len(db.entries)} entries to {db.source}")
     return 0
 
 
