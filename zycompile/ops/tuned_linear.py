@@ -1,6 +1,6 @@
 """``zycompile::tuned_linear(x, w, b, plan)``: a linear computed by the candidate a tuning database chose.
 
-``plan`` indexes a per-process table (one plan per weight): M -> candidate name, plus the candidate
+``plan`` indexes a per-process table (one plan per live weight tensor): M -> candidate name, plus the candidate
 states built from the weight (prepacked copies). The op reads the runtime M (rows of x), so one op
 serves a static graph (its M is in the table) and a dynamic-length prefill graph (the nearest tuned M
 is used). A plan whose weight was written since its states were built (``load_state_dict``) rebuilds
@@ -10,6 +10,7 @@ them; an unknown plan id computes the default ``F.linear``. Opaque to Dynamo and
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,16 @@ from zycompile.tuning.candidates import CANDIDATES, DEFAULT, Candidate, state_ke
 
 
 class Plan:
-    def __init__(self):
+    def __init__(self, w: torch.Tensor):
         self.table: dict[int, str] = {}  # M -> candidate name
         self.states: dict[tuple[str, int], tuple[tuple, object]] = {}
+        # The plan lives as long as its weight: its prepacked copies are freed with the weight, and a
+        # new tensor that reuses the address gets a new plan (never another weight's packed copy).
+        self.weight = weakref.ref(w)
+        weakref.finalize(w, self.release)
+
+    def release(self) -> None:
+        self.states.clear()  # the table stays: a graph still holding this plan id keeps its choices
 
     def pick(self, m: int) -> str:
         if m in self.table:
@@ -47,10 +55,11 @@ _BY_WEIGHT: dict[tuple, int] = {}
 def plan_for(w: torch.Tensor) -> int:
     """The plan id of weight ``w`` (one per weight storage and view, shared by all graphs)."""
     key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.stride(), w.dtype)
-    if key not in _BY_WEIGHT:
-        _BY_WEIGHT[key] = len(PLANS)
-        PLANS.append(Plan())
-    return _BY_WEIGHT[key]
+    pid = _BY_WEIGHT.get(key)
+    if pid is None or PLANS[pid].weight() is None:
+        pid = _BY_WEIGHT[key] = len(PLANS)
+        PLANS.append(Plan(w))
+    return pid
 
 
 @torch.library.custom_op("zycompile::tuned_linear", mutates_args=())

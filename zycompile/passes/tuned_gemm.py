@@ -12,7 +12,8 @@ The plan (``zycompile/ops/tuned_linear.py``) maps M to a candidate and holds the
 prepacked oneDNN copy of the weight is a second copy of it, counted in the notes (``extra weight
 memory``). A static graph is swapped only where its exact M is in the database and the winner beat
 the default; a symbolic-length prefill graph uses the nearest tuned M of that weight at run time.
-Shapes not in the database keep the default and are counted ("not in database"). M = 1 GEMMs that
+``weight_copies: false`` limits the choice to candidates that keep one copy (e.g. oneDNN on the plain
+weight). Shapes not in the database keep the default and are counted ("not in database"). M = 1 GEMMs that
 Inductor's ``decompose_mm_pass`` turns into fused reductions are left to it.
 
 ``db: auto`` reads $ZYCOMPILE_CACHE/tuning/<device>.yaml (no file: every GEMM keeps the default, with a
@@ -72,6 +73,7 @@ class TunedGemmPass(GraphPass):
     class Options:
         db: str = "auto"  # "auto" ($ZYCOMPILE_CACHE/tuning/<device>.yaml) or a path
         min_speedup: float = 1.0  # use a winner only if it beat the default by this (on top of the db margin)
+        weight_copies: bool = True  # false: only candidates that keep one copy of the weights (no prepacking)
 
         def check(self):
             if self.min_speedup < 1.0:
@@ -150,16 +152,25 @@ class TunedGemmPass(GraphPass):
         entries = (
             {m: db.lookup(shape)} if m is not None else {k: e for k, e in db.family(shape).items() if k > 1}
         )
-        table = {}
-        for k, e in entries.items():
-            if e is None:
+        dtype = getattr(torch, shape.dtype)
+        return {k: self._choose(e, db.margin, dtype) for k, e in entries.items() if e is not None}
+
+    def _choose(self, entry, margin: float, dtype: torch.dtype) -> str:
+        """The database's winner, or with ``weight_copies: false`` the fastest candidate that keeps one
+        copy of the weights; the default unless it beat it by the margin (and ``min_speedup``)."""
+        times = entry.times_ms
+        base = times.get(DEFAULT)
+        names = [entry.winner]
+        if not self.opts.weight_copies:
+            names = sorted((n for n, t in times.items() if t), key=lambda n: times[n])
+        for name in names:
+            cand = CANDIDATES.get(name)  # None: e.g. a hipBLASLt solution, meaningless on CPU
+            if cand is None or name == DEFAULT or (cand.copies_weight and not self.opts.weight_copies):
                 continue
-            name = e.winner if e.winner in CANDIDATES else DEFAULT  # e.g. a hipBLASLt solution on CPU
-            if name != DEFAULT and not (e.speedup or 0) >= self.opts.min_speedup:
-                name = DEFAULT
-            if CANDIDATES[name].available(torch.device("cpu"), getattr(torch, shape.dtype)):
-                table[k] = name
-        return table
+            speedup = base / times[name] if base and times.get(name) else 0.0
+            if speedup >= max(margin, self.opts.min_speedup) and cand.available(torch.device("cpu"), dtype):
+                return name
+        return DEFAULT
 
     @staticmethod
     def _swap(gm: torch.fx.GraphModule, node: torch.fx.Node, pid: int) -> None:

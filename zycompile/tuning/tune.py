@@ -40,9 +40,10 @@ class Row:
 def tune_shapes(
     shapes: list[GemmShape],
     db: tdb.TuningDB,
-    cfg: BenchConfig = DEFAULT_BENCH,
+    cfg: BenchConfig | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[Row]:
+    cfg = cfg or DEFAULT_BENCH
     rows = []
     for i, shape in enumerate(shapes):
         if progress:
@@ -73,7 +74,7 @@ def open_db(out: Path, device, margin: float = 1.03) -> tdb.TuningDB:
 def tune(
     recipe,
     out: str | Path | None = None,
-    cfg: BenchConfig = DEFAULT_BENCH,
+    cfg: BenchConfig | None = None,
     model: torch.nn.Module | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -123,17 +124,18 @@ def summary_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
-def progress_bar(stream=sys.stderr) -> Callable[[int, int, str], None]:
+def progress_bar(stream=None) -> Callable[[int, int, str], None]:
     def show(i: int, n: int, label: str) -> None:
+        out = stream or sys.stderr
         width = 30
         filled = width * i // max(n, 1)
         end = "\n" if i >= n else ""
-        lead = "\r" if stream.isatty() else ""
+        lead = "\r" if out.isatty() else ""
         if lead or i >= n or i % 8 == 0:
             print(
                 f"{lead}[{'#' * filled}{'.' * (width - filled)}] {i}/{n} {label:40.40s}",
                 end=end or ("" if lead else "\n"),
-                file=stream,
+                file=out,
                 flush=True,
             )
 
