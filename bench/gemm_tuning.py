@@ -29,7 +29,7 @@ from zycompile.bench.machine import machine_line
 from zycompile.bench.report import publish
 from zycompile.data import sample_sharegpt
 from zycompile.tuning import db as tdb
-from zycompile.tuning.bench import BenchConfig, time_candidates
+from zycompile.tuning.bench import ROUNDS, BenchConfig, time_candidates
 from zycompile.tuning.candidates import CANDIDATES, DEFAULT
 from zycompile.tuning.tune import geomean, progress_bar, tune
 
@@ -45,7 +45,7 @@ def with_tuned(recipe, db_path: str):
 
 def retime(db: tdb.TuningDB, cfg: BenchConfig) -> list[tuple]:
     rows = []
-    for shape, entry in sorted(db.entries.items(), key=lambda kv: (kv[0].m > 1 and kv[0].m <= 8, kv[0])):
+    for shape, entry in sorted(db.entries.items()):
         if entry.winner == DEFAULT or entry.winner not in CANDIDATES:
             rows.append((shape, entry.times_ms.get(DEFAULT), DEFAULT, 1.0))
             continue
@@ -134,7 +134,9 @@ def main() -> None:
         f"margin {db.margin}; validators {db.validators}",
         "",
         "Per shape, default vs the database's winner, re-timed after tuning (rotating buffers over 64 MiB,",
-        "best of 3 round medians; M=1 GEMMs that decompose_mm_pass turns into reductions are not tuned):",
+        "best of 3 round medians; M=1 GEMMs that decompose_mm_pass turns into reductions are not tuned). "
+        f"{ROUNDS['quiet']} of {ROUNDS['all']} timing rounds started with no other process runnable "
+        "(each waits up to 1 s for that).",
         "",
         "| M x N x K (fp32, K-major weight) | default (ms) | winner | speedup |",
         "|---|---|---|---|",
