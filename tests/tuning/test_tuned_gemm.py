@@ -183,3 +183,15 @@ def test_weight_copies_false_picks_the_fastest_single_copy_candidate(tmp_path):
         opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
     notes = next(r for r in opt.compile_report().passes if r.name == "tuned_gemm").notes
     assert "candidates: onednn x8" in notes and not any("extra weight memory" in n for n in notes)
+
+
+def test_min_m_leaves_gemvs_to_the_default(tmp_path):
+    model = load_model("tiny:llama").model
+    path = forced_db(collect(recipe(), model), "onednn_packed").save(tmp_path / "db.yaml")
+    data = recipe(path).to_dict()
+    data["passes"][-1]["min_m"] = 2
+    opt = zycompile.optimize(model, load_recipe(data))
+    opt.generate([[1, 2, 3]], max_new_tokens=3)  # batch 1: prefill M = 16 swapped, M = 1 not
+    recs = [r for r in opt.compile_report().passes if r.name == "tuned_gemm"]
+    assert [r.matches for r in recs] == [8, 0]  # the prefill graph's head runs at M = 1 (last token)
+    assert "below min m 1" in recs[0].notes[0] and "below min m 9" in recs[1].notes[0]

@@ -73,9 +73,12 @@ class TunedGemmPass(GraphPass):
     class Options:
         db: str = "auto"  # "auto" ($ZYCOMPILE_CACHE/tuning/<device>.yaml) or a path
         min_speedup: float = 1.0  # use a winner only if it beat the default by this (on top of the db margin)
+        min_m: int = 1  # leave GEMMs with fewer rows than this (e.g. 2: batch-1 decode GEMVs) to the default
         weight_copies: bool = True  # false: only candidates that keep one copy of the weights (no prepacking)
 
         def check(self):
+            if self.min_m < 1:
+                yield "min_m", f"got {self.min_m!r}; expected an integer >= 1"
             if self.min_speedup < 1.0:
                 yield "min_speedup", f"got {self.min_speedup!r}; expected a number >= 1.0"
             if not self.db:
@@ -94,7 +97,7 @@ class TunedGemmPass(GraphPass):
         notes: list[str] = []
         if db is None:
             notes.append(f"no tuning database at {tdb.default_path(device)}: every GEMM keeps the default")
-        counts = dict(swapped=0, default_fastest=0, not_in_db=0, decompose_mm=0, untunable=0)
+        counts = dict(swapped=0, default_fastest=0, not_in_db=0, below_min_m=0, decompose_mm=0, untunable=0)
         used: dict[str, int] = {}
         missing: set[str] = set()
         extra = 0
@@ -103,6 +106,9 @@ class TunedGemmPass(GraphPass):
             if shape is None:
                 counts["untunable"] += 1
                 notes.append(f"{site.node.name}: {site.reason}; default kept")
+                continue
+            if site.m is not None and site.m < self.opts.min_m:
+                counts["below_min_m"] += 1
                 continue
             if decomposed_by_inductor(self.ctx.recipe.lowering, shape):
                 counts["decompose_mm"] += 1
@@ -150,8 +156,11 @@ class TunedGemmPass(GraphPass):
         if db is None:
             return {}
         entries = (
-            {m: db.lookup(shape)} if m is not None else {k: e for k, e in db.family(shape).items() if k > 1}
+            {m: db.lookup(shape)}
+            if m is not None
+            else {k: e for k, e in db.family(shape).items() if k > 1}  # a prefill graph has M >= 2
         )
+        entries = {k: e for k, e in entries.items() if k >= self.opts.min_m}
         dtype = getattr(torch, shape.dtype)
         return {k: self._choose(e, db.margin, dtype) for k, e in entries.items() if e is not None}
 
