@@ -1,4 +1,4 @@
-"""The ``zycompile`` command: run | bench | recipe check | recipe show."""
+"""The ``zycompile`` command: run | bench | tune | recipe check | recipe show."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(export)
     export.add_argument("--out", required=True, metavar="DIR", help="package directory to write")
     export.set_defaults(func=cmd_export)
+
+    tune = sub.add_parser("tune", help="time every GEMM candidate for the recipe's shapes; write the winners")
+    _add_recipe_args(tune)
+    tune.add_argument("--out", default=None, help="database file (default: the path `db: auto` reads)")
+    tune.set_defaults(func=cmd_tune)
 
     recipe = sub.add_parser("recipe", help="check or show recipes")
     rsub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION", required=True)
@@ -120,6 +125,22 @@ def cmd_export(args) -> int:
     opt = zycompile.optimize(None, args.recipe, overrides=args.overrides)
     opt.export(args.out, progress=lambda m: _say(f"{m} ..."))
     _say(f"wrote {args.out}: {describe(args.out)} (total {time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    import torch
+
+    from zycompile.recipe import load_recipe
+    from zycompile.tuning.tune import progress_bar, summary_lines, tune
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.runtime.threads:
+        torch.set_num_threads(recipe.runtime.threads)
+    say = lambda msg: print(f"[zycompile] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    db, rows = tune(recipe, args.out, progress=progress_bar(), log=say)
+    print("\n".join(summary_lines(rows)))
+    say(f"wrote {len(db.entries)} entries to {db.source}")
     return 0
 
 

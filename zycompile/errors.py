@@ -15,3 +15,7 @@ class ModelLoadError(ZyError):
 
 class GenerationError(ZyError):
     """A generation request is invalid (empty prompt, too long, bad sampling params)."""
+
+
+class TuningDBError(ZyError):
+    """A GEMM tuning database is missing, corrupted, or was made on another device or software version."""

@@ -27,6 +27,7 @@ from zycompile.passes import (  # noqa: E402,F401
     canonicalize_attention,
     fuse_projections,
     tree_attention,
+    tuned_gemm,
     weight_layout,
 )
 

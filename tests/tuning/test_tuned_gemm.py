@@ -1,0 +1,197 @@
+"""tuned_gemm: timing and winner choice, the swap, parity with the untuned model, fallbacks and errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import zycompile
+from zycompile.cli import main
+from zycompile.errors import TuningDBError
+from zycompile.models import load_model
+from zycompile.recipe import load_recipe
+from zycompile.tuning import db as tdb
+from zycompile.tuning.bench import BenchConfig, time_candidates
+from zycompile.tuning.candidates import CANDIDATES, DEFAULT, Candidate, available
+from zycompile.tuning.shapes import collect
+from zycompile.tuning.tune import tune_shapes
+
+FAST = BenchConfig(rotate_bytes=1 << 20, budget_s=0.002, rounds=1, attempts=1, min_iters=2)
+TINY = {
+    "model": {"source": "tiny:llama"},
+    "lowering": {"backend": "aot_eager"},
+    "runtime": {"max_seq_len": 128, "batch_buckets": [1, 2], "prefill_buckets": [16]},
+    "debug": {"strict": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def recipe(db=None, passes=("canonicalize_attention", "weight_layout", "fuse_projections"), **rt):
+    data = {**TINY, "passes": list(passes), "runtime": {**TINY["runtime"], **rt}}
+    if db is not None:
+        data["passes"].append({"name": "tuned_gemm", "db": str(db)})
+    return load_recipe(data)
+
+
+def forced_db(shapes, winner: str) -> tdb.TuningDB:
+    """A database naming ``winner`` for every shape, as if it had won (parity must hold whatever wins)."""
+    db = tdb.TuningDB(tdb.current_validators("cpu"))
+    for s in shapes:
+        db.entries[s] = tdb.Entry(winner, {DEFAULT: 2.0, winner: 1.0})
+    return db
+
+
+def test_candidates_time_and_a_wrong_one_is_discarded():
+    shape = collect(recipe(), load_model("tiny:llama").model)[5]
+    wrong = Candidate("wrong", lambda w, m: w, lambda x, w, b: torch.nn.functional.linear(x, w, b) + 1, False)
+    cands = available(torch.device("cpu"), torch.float32)
+    assert cands[0].name == DEFAULT and {"onednn", "onednn_packed", "mkl_packed"} <= {c.name for c in cands}
+    timings = time_candidates(shape, [*cands, wrong], FAST)
+    assert [t.candidate for t in timings] == [c.name for c in cands] + ["wrong"]
+    assert all(t.ms is not None and t.ms > 0 for t in timings[:-1])
+    assert timings[-1].ms is None and "differs from the default" in timings[-1].error
+
+
+def test_default_kept_unless_a_candidate_clears_the_margin():
+    shapes = collect(recipe(), load_model("tiny:llama").model)[:3]
+    db = tdb.TuningDB(tdb.current_validators("cpu"), margin=1e9)
+    rows = tune_shapes(shapes, db, FAST)
+    assert all(r.winner == DEFAULT and r.speedup == 1.0 for r in rows)
+    assert all(db.lookup(s).winner == DEFAULT and len(db.lookup(s).times_ms) >= 4 for s in shapes)
+
+
+@pytest.mark.parametrize("winner", ["onednn_packed", "mkl_packed", "onednn", "aten_relayout"])
+def test_swapped_model_matches_untuned_logits(tmp_path, winner):
+    model = load_model("tiny:llama").model
+    ref_model = load_model("tiny:llama").model
+    shapes = collect(recipe(), model)
+    path = forced_db(shapes, winner).save(tmp_path / "db.yaml")
+    opt = zycompile.optimize(model, recipe(path))
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref_model(input_ids=ids, use_cache=False).logits
+        got = opt(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    rec = next(r for r in opt.compile_report().passes if r.name == "tuned_gemm")
+    # 2 layers x (qkv, o, gate/up, down) at M = 2 x 16 = 32 are in the db; the full-sequence head is not
+    assert rec.matches == 8
+    assert "swapped 8" in rec.notes[0] and "not in db 1" in rec.notes[0]
+    assert f"{winner} x8" in rec.notes[1]
+    if CANDIDATES[winner].copies_weight:
+        assert "extra weight memory" in rec.notes[2]
+
+
+def test_generation_is_token_identical_with_static_and_dynamic_prefill(tmp_path):
+    prompts = [[1, 5, 9, 13, 2, 7, 3], [4, 4, 8]]
+    base = zycompile.optimize(load_model("tiny:llama").model, recipe())
+    want = base.generate(prompts, max_new_tokens=6).tokens
+    for prefill in ("buckets", "dynamic"):
+        torch._dynamo.reset()
+        model = load_model("tiny:llama").model
+        shapes = collect(recipe(prefill=prefill), model)
+        path = forced_db(shapes, "onednn_packed").save(tmp_path / f"{prefill}.yaml")
+        opt = zycompile.optimize(model, recipe(path, prefill=prefill))
+        assert opt.generate(prompts, max_new_tokens=6).tokens == want
+        swapped = sum(r.matches for r in opt.compile_report().passes if r.name == "tuned_gemm")
+        assert swapped >= 9 * 2  # prefill and decode graphs, every GEMM incl. the head
+
+
+def test_auto_without_database_keeps_every_default(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZYCOMPILE_CACHE", str(tmp_path))
+    opt = zycompile.optimize(load_model("tiny:llama").model, recipe("auto"))
+    with torch.no_grad():
+        opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
+    rec = next(r for r in opt.compile_report().passes if r.name == "tuned_gemm")
+    assert rec.matches == 0
+    assert "no tuning database" in " ".join(rec.notes) and "not in db 9" in rec.notes[0]
+
+
+def test_auto_finds_the_device_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZYCOMPILE_CACHE", str(tmp_path))
+    model = load_model("tiny:llama").model
+    forced_db(collect(recipe(), model), "onednn").save(tdb.default_path("cpu"))
+    opt = zycompile.optimize(model, recipe("auto"))
+    with torch.no_grad():
+        opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
+    assert opt.compile_report().matches("tuned_gemm") == 8
+
+
+def test_foreign_database_is_rejected_before_tracing(tmp_path):
+    db = forced_db([], "onednn")
+    db.validators["device"] = "cuda: NVIDIA H100"
+    path = db.save(tmp_path / "db.yaml")
+    with pytest.raises(TuningDBError, match="rejected.*device.*NVIDIA H100"):
+        zycompile.optimize(load_model("tiny:llama").model, recipe(path))
+
+
+def test_unknown_winner_falls_back_to_default(tmp_path):
+    """A TunableOp solution (e.g. hipBLASLt) or a candidate this build lacks is never run on CPU."""
+    model = load_model("tiny:llama").model
+    path = forced_db(collect(recipe(), model), "Gemm_Hipblaslt_1219").save(tmp_path / "db.yaml")
+    opt = zycompile.optimize(model, recipe(path))
+    with torch.no_grad():
+        opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
+    rec = next(r for r in opt.compile_report().passes if r.name == "tuned_gemm")
+    assert rec.matches == 0 and "default fastest 8" in rec.notes[0]
+
+
+def test_bad_options_are_recipe_errors():
+    from zycompile.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="min_speedup"):
+        load_recipe({**TINY, "passes": [{"name": "tuned_gemm", "min_speedup": 0.5}]})
+
+
+def test_cli_tune_writes_a_database_and_a_table(tmp_path, capsys, monkeypatch):
+    import zycompile.tuning.tune as tune_mod
+
+    monkeypatch.setattr(tune_mod, "DEFAULT_BENCH", dataclasses.replace(FAST))
+    out = tmp_path / "tiny.yaml"
+    args = ["tune", "--recipe", "llama-tiny", "--out", str(out), "--set", "lowering.backend=aot_eager"]
+    assert main(args) == 0
+    text = capsys.readouterr()
+    assert "geometric-mean speedup" in text.out and "| 4 x 128 x 64 float32 row |" in text.out
+    assert "35/35" in text.err
+    assert len(tdb.load_checked(out).entries) == 35
+    assert main(args) == 0  # updates the same file
+    other = tdb.TuningDB.load(out)
+    other.validators["torch"] = "0.0"
+    other.save(out)
+    assert main(args) == 2
+    assert "rejected" in capsys.readouterr().err
+
+
+def test_weight_copies_false_picks_the_fastest_single_copy_candidate(tmp_path):
+    model = load_model("tiny:llama").model
+    db = tdb.TuningDB(tdb.current_validators("cpu"))
+    for s in collect(recipe(), model):
+        db.entries[s] = tdb.Entry("onednn_packed", {DEFAULT: 2.0, "onednn_packed": 1.0, "onednn": 1.5})
+    path = db.save(tmp_path / "db.yaml")
+    rec = recipe(path)
+    data = rec.to_dict()
+    data["passes"][-1]["weight_copies"] = False
+    opt = zycompile.optimize(model, load_recipe(data))
+    with torch.no_grad():
+        opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
+    notes = next(r for r in opt.compile_report().passes if r.name == "tuned_gemm").notes
+    assert "candidates: onednn x8" in notes and not any("extra weight memory" in n for n in notes)
+
+
+def test_min_m_leaves_gemvs_to_the_default(tmp_path):
+    model = load_model("tiny:llama").model
+    path = forced_db(collect(recipe(), model), "onednn_packed").save(tmp_path / "db.yaml")
+    data = recipe(path).to_dict()
+    data["passes"][-1]["min_m"] = 2
+    opt = zycompile.optimize(model, load_recipe(data))
+    opt.generate([[1, 2, 3]], max_new_tokens=3)  # batch 1: prefill M = 16 swapped, M = 1 not
+    recs = [r for r in opt.compile_report().passes if r.name == "tuned_gemm"]
+    assert [r.matches for r in recs] == [8, 0]  # the prefill graph's head runs at M = 1 (last token)
+    assert "below min m 1" in recs[0].notes[0] and "below min m 9" in recs[1].notes[0]

@@ -1,0 +1,79 @@
+"""``zycompile::tuned_linear(x, w, b, plan)``: a linear computed by the candidate a tuning database chose.
+
+``plan`` indexes a per-process table (one plan per live weight tensor): M -> candidate name, plus the candidate
+states built from the weight (prepacked copies). The op reads the runtime M (rows of x), so one op
+serves a static graph (its M is in the table) and a dynamic-length prefill graph (the nearest tuned M
+is used). A plan whose weight was written since its states were built (``load_state_dict``) rebuilds
+them; an unknown plan id computes the default ``F.linear``. Opaque to Dynamo and Inductor (register_fake).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from zycompile.tuning.candidates import CANDIDATES, DEFAULT, Candidate, state_key
+
+
+class Plan:
+    def __init__(self, w: torch.Tensor):
+        self.table: dict[int, str] = {}  # M -> candidate name
+        self.states: dict[tuple[str, int], tuple[tuple, object]] = {}
+        # The plan lives as long as its weight: its prepacked copies are freed with the weight, and a
+        # new tensor that reuses the address gets a new plan (never another weight's packed copy).
+        self.weight = weakref.ref(w)
+        weakref.finalize(w, self.release)
+
+    def release(self) -> None:
+        self.states.clear()  # the table stays: a graph still holding this plan id keeps its choices
+
+    def pick(self, m: int) -> str:
+        if m in self.table:
+            return self.table[m]
+        if not self.table:
+            return DEFAULT
+        return self.table[min(self.table, key=lambda t: abs(math.log(t / m)))]
+
+    def state(self, cand: Candidate, w: torch.Tensor, m: int):
+        key = state_key(cand, m)
+        ident = (w.data_ptr(), w._version)
+        held = self.states.get(key)
+        if held is None or held[0] != ident:
+            with torch.no_grad():
+                held = (ident, cand.prepare(w.detach(), m))
+            self.states[key] = held
+        return held[1]
+
+
+PLANS: list[Plan] = []
+_BY_WEIGHT: dict[tuple, int] = {}
+
+
+def plan_for(w: torch.Tensor) -> int:
+    """The plan id of weight ``w`` (one per weight storage and view, shared by all graphs)."""
+    key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.stride(), w.dtype)
+    pid = _BY_WEIGHT.get(key)
+    if pid is None or PLANS[pid].weight() is None:
+        pid = _BY_WEIGHT[key] = len(PLANS)
+        PLANS.append(Plan(w))
+    return pid
+
+
+@torch.library.custom_op("zycompile::tuned_linear", mutates_args=())
+def tuned_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: int) -> torch.Tensor:
+    if not 0 <= plan < len(PLANS):
+        return F.linear(x, w, b)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    m = x2.shape[0]
+    p = PLANS[plan]
+    cand = CANDIDATES[p.pick(m)]
+    y = cand.run(x2, p.state(cand, w, m), b)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@tuned_linear.register_fake
+def _(x, w, b, plan):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))

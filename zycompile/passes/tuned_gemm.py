@@ -1,0 +1,193 @@
+"""Swap each GEMM for the winner a tuning database recorded for its shape (``zycompile tune``).
+
+Before::
+
+    linear = linear(x, _zy_fused_0, None)                       # x: [4, 1, 576], weight K-major
+
+After (the database says oneDNN on a prepacked weight wins at M=4)::
+
+    linear = zycompile.tuned_linear.default(x, _zy_fused_0, None, 17)   # 17: this weight's plan
+
+The plan (``zycompile/ops/tuned_linear.py``) maps M to a candidate and holds the candidate's state: a
+prepacked oneDNN copy of the weight is a second copy of it, counted in the notes (``extra weight
+memory``). A static graph is swapped only where its exact M is in the database and the winner beat
+the default; a symbolic-length prefill graph uses the nearest tuned M of that weight at run time.
+``weight_copies: false`` limits the choice to candidates that keep one copy (e.g. oneDNN on the plain
+weight). Shapes not in the database keep the default and are counted ("not in database"). M = 1 GEMMs that
+Inductor's ``decompose_mm_pass`` turns into fused reductions are left to it.
+
+``db: auto`` reads $ZYCOMPILE_CACHE/tuning/<device>.yaml (no file: every GEMM keeps the default, with a
+warning); ``db: <path>`` a given file. A file made on another device or software version is an error
+(raised by ``prepare``, before tracing), never silently used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+import torch.fx
+
+from zycompile.errors import TuningDBError
+from zycompile.ops.tuned_linear import PLANS, plan_for
+from zycompile.passes import register_pass
+from zycompile.passes.base import GraphPass, PassResult
+from zycompile.passes.fx_util import propagate_meta
+from zycompile.tuning import db as tdb
+from zycompile.tuning.candidates import CANDIDATES, DEFAULT, state_key
+from zycompile.tuning.shapes import decomposed_by_inductor, gemm_sites
+
+log = logging.getLogger("zycompile")
+TUNED_LINEAR = torch.ops.zycompile.tuned_linear.default
+_LOADED: dict[tuple[str, float], tdb.TuningDB] = {}
+
+
+def resolve_db(opts, device: torch.device) -> tdb.TuningDB | None:
+    """The checked database for ``opts.db`` on ``device``; None when ``auto`` finds no file."""
+    path = tdb.default_path(device) if opts.db == "auto" else Path(opts.db).expanduser()
+    if not path.exists():
+        if opts.db == "auto":
+            return None
+        raise TuningDBError(
+            f"{path}: no tuning database (create it with `zycompile tune --recipe R --out {path}`)"
+        )
+    key = (str(path), path.stat().st_mtime)
+    if key not in _LOADED:
+        db = tdb.TuningDB.load(path)
+        db.check(tdb.current_validators(device))
+        _LOADED[key] = db
+    return _LOADED[key]
+
+
+@register_pass
+class TunedGemmPass(GraphPass):
+    name = "tuned_gemm"
+    stage = "pre_grad"
+    # Keeping the default everywhere is a valid outcome (it was fastest); no-database and
+    # not-in-database counts are logged as a warning and kept in the notes instead.
+    expect_matches = False
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        db: str = "auto"  # "auto" ($ZYCOMPILE_CACHE/tuning/<device>.yaml) or a path
+        min_speedup: float = 1.0  # use a winner only if it beat the default by this (on top of the db margin)
+        min_m: int = 1  # leave GEMMs with fewer rows than this (e.g. 2: batch-1 decode GEMVs) to the default
+        weight_copies: bool = True  # false: only candidates that keep one copy of the weights (no prepacking)
+
+        def check(self):
+            if self.min_m < 1:
+                yield "min_m", f"got {self.min_m!r}; expected an integer >= 1"
+            if self.min_speedup < 1.0:
+                yield "min_speedup", f"got {self.min_speedup!r}; expected a number >= 1.0"
+            if not self.db:
+                yield "db", "got an empty string; expected 'auto' or a path"
+
+    @staticmethod
+    def prepare(model: torch.nn.Module, opts) -> None:
+        # Reject a bad or foreign database here, with its own message, rather than deep inside tracing.
+        param = next(model.parameters(), None)
+        resolve_db(opts, param.device if param is not None else torch.device("cpu"))
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        sites = gemm_sites(gm, self.ctx.example_inputs)
+        device = next((s.weight.device for s in sites if s.weight is not None), torch.device("cpu"))
+        db = resolve_db(self.opts, device)
+        notes: list[str] = []
+        if db is None:
+            notes.append(f"no tuning database at {tdb.default_path(device)}: every GEMM keeps the default")
+        counts = dict(swapped=0, default_fastest=0, not_in_db=0, below_min_m=0, decompose_mm=0, untunable=0)
+        used: dict[str, int] = {}
+        missing: set[str] = set()
+        extra = 0
+        for site in sites:
+            shape = site.shape
+            if shape is None:
+                counts["untunable"] += 1
+                notes.append(f"{site.node.name}: {site.reason}; default kept")
+                continue
+            if site.m is not None and site.m < self.opts.min_m:
+                counts["below_min_m"] += 1
+                continue
+            if decomposed_by_inductor(self.ctx.recipe.lowering, shape):
+                counts["decompose_mm"] += 1
+                continue
+            table = self._table(db, shape, site.m)
+            if not table:
+                counts["not_in_db"] += 1
+                missing.add(
+                    shape.label() if site.m is not None else shape.label().replace("M=0", "M=dynamic")
+                )
+                continue
+            if all(name == DEFAULT for name in table.values()):
+                counts["default_fastest"] += 1
+                continue
+            pid = plan_for(site.weight)
+            plan = PLANS[pid]
+            plan.table.update(table)
+            for m, name in table.items():
+                cand = CANDIDATES[name]
+                fresh = state_key(cand, m) not in plan.states
+                plan.state(cand, site.weight, m)  # build prepacked copies now, not in the first step
+                if fresh and cand.copies_weight:
+                    extra += site.weight.numel() * site.weight.element_size()
+                used[name] = used.get(name, 0) + 1
+            self._swap(gm, site.node, pid)
+            counts["swapped"] += 1
+        if counts["swapped"]:
+            gm.graph.lint()
+            gm.recompile()
+        summary = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in counts.items() if v)
+        notes.insert(0, f"GEMMs: {summary or 'none'}")
+        if used:
+            notes.insert(1, "candidates: " + ", ".join(f"{k} x{v}" for k, v in sorted(used.items())))
+        if extra:
+            notes.insert(2, f"extra weight memory (prepacked/re-laid copies): {extra / 1e6:.1f} MB")
+        if missing:
+            notes.append("not in database: " + "; ".join(sorted(missing)[:8]))
+        self.ctx.state.setdefault("tuned_gemm", []).append(counts)
+        if db is None or (counts["not_in_db"] and not counts["swapped"]):
+            log.warning("tuned_gemm: graph %d: %s", self.ctx.graph_index, "; ".join(notes[:2]))
+        return PassResult(modified=counts["swapped"] > 0, matches=counts["swapped"], notes=notes)
+
+    def _table(self, db, shape, m) -> dict[int, str]:
+        """M -> candidate for this site (empty: not in the database)."""
+        if db is None:
+            return {}
+        entries = (
+            {m: db.lookup(shape)}
+            if m is not None
+            else {k: e for k, e in db.family(shape).items() if k > 1}  # a prefill graph has M >= 2
+        )
+        entries = {k: e for k, e in entries.items() if k >= self.opts.min_m}
+        dtype = getattr(torch, shape.dtype)
+        return {k: self._choose(e, db.margin, dtype) for k, e in entries.items() if e is not None}
+
+    def _choose(self, entry, margin: float, dtype: torch.dtype) -> str:
+        """The database's winner, or with ``weight_copies: false`` the fastest candidate that keeps one
+        copy of the weights; the default unless it beat it by the margin (and ``min_speedup``)."""
+        times = entry.times_ms
+        base = times.get(DEFAULT)
+        names = [entry.winner]
+        if not self.opts.weight_copies:
+            names = sorted((n for n, t in times.items() if t), key=lambda n: times[n])
+        for name in names:
+            cand = CANDIDATES.get(name)  # None: e.g. a hipBLASLt solution, meaningless on CPU
+            if cand is None or name == DEFAULT or (cand.copies_weight and not self.opts.weight_copies):
+                continue
+            speedup = base / times[name] if base and times.get(name) else 0.0
+            if speedup >= max(margin, self.opts.min_speedup) and cand.available(torch.device("cpu"), dtype):
+                return name
+        return DEFAULT
+
+    @staticmethod
+    def _swap(gm: torch.fx.GraphModule, node: torch.fx.Node, pid: int) -> None:
+        x = node.args[0]
+        w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(TUNED_LINEAR, (x, w, b, pid))
+        propagate_meta(new)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)

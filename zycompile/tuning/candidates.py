@@ -1,0 +1,112 @@
+"""GEMM candidates: the ways one ``y = x @ w.T + b`` can be computed on this device.
+
+A candidate is a name plus two functions: ``prepare(w, m)`` builds what it needs from the weight once
+(a prepacked or re-laid copy, or nothing), ``run(x, state, b)`` computes the product for a 2-D ``x``.
+``aten`` (``F.linear`` on the weight as the model holds it) is the default every other one must beat.
+``copies_weight`` says whether the state is a second copy of the weight (memory is reported, not hidden).
+
+CPU candidates (fp32/bf16): ``aten_relayout`` (the other weight layout, row-major vs K-major),
+``mkl_packed`` (MKL's packed GEMM, as Inductor's freezing path uses; fp32 only), ``onednn`` (oneDNN
+inner product on the plain weight) and ``onednn_packed`` (oneDNN on a weight reordered to its blocked
+format once). GPU candidates (cuBLAS/hipBLASLt algorithms, Triton tile sweeps) are not written yet:
+on CUDA/ROCm only ``aten`` exists, so tuning keeps the default everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT = "aten"
+ONEDNN_PACK_HINT = 16  # batch-size hint for oneDNN's reorder; one packed copy serves every M
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    name: str
+    prepare: Callable[[torch.Tensor, int], Any]  # (weight [N, K], M) -> state
+    run: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]  # (x [M, K], state, bias)
+    copies_weight: bool
+    per_m: bool = False  # the state depends on M (one copy per M)
+    available: Callable[[torch.device, torch.dtype], bool] = lambda device, dtype: True
+
+
+def _relayout(w: torch.Tensor) -> torch.Tensor:
+    """The same values in the other layout: K-major ([K, N] storage) <-> row-major."""
+    return w.contiguous() if not w.is_contiguous() else w.t().contiguous().t()
+
+
+def _onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and dtype in (torch.float32, torch.bfloat16)
+        and (dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def _mkl_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and torch._C.has_mkl and dtype == torch.float32
+
+
+def _mkl_run(x, state, b):
+    packed, w, m = state
+    return torch.ops.mkl._mkl_linear(x, packed, w, b, m)
+
+
+CANDIDATES: dict[str, Candidate] = {
+    c.name: c
+    for c in [
+        Candidate(DEFAULT, lambda w, m: w, lambda x, w, b: F.linear(x, w, b), copies_weight=False),
+        Candidate(
+            "aten_relayout",
+            lambda w, m: _relayout(w),
+            lambda x, w, b: F.linear(x, w, b),
+            copies_weight=True,
+            available=lambda device, dtype: device.type == "cpu",
+        ),
+        Candidate(
+            "mkl_packed",
+            lambda w, m: (torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), m), w.contiguous(), m),
+            _mkl_run,
+            copies_weight=True,
+            per_m=True,
+            available=_mkl_ok,
+        ),
+        Candidate(
+            "onednn",
+            lambda w, m: w,
+            lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+            copies_weight=False,
+            available=_onednn_ok,
+        ),
+        Candidate(
+            "onednn_packed",
+            lambda w, m: torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), ONEDNN_PACK_HINT),
+            lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),
+            copies_weight=True,
+            available=_onednn_ok,
+        ),
+    ]
+}
+
+
+def available(device: torch.device, dtype: torch.dtype) -> list[Candidate]:
+    """The candidates this device and dtype can run, the default first."""
+    out = []
+    for c in CANDIDATES.values():
+        try:
+            ok = c.available(device, dtype)
+        except (RuntimeError, AttributeError):  # an op missing from this build
+            ok = False
+        if ok:
+            out.append(c)
+    return out
+
+
+def state_key(cand: Candidate, m: int) -> tuple[str, int]:
+    return (cand.name, m if cand.per_m else 0)
