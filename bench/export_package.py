@@ -27,7 +27,7 @@ from zycompile.data import sample_sharegpt
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 FRESH = """
-import json, sys, time
+import json, re, sys, time
 import zycompile
 t0 = time.perf_counter()
 m = zycompile.load(sys.argv[1])
@@ -39,7 +39,7 @@ for p in prompts:
     out = m.generate([p], max_new_tokens=int(sys.argv[3]), ignore_eos=True)
     toks.append(out.tokens[0]); dec_s += out.decode_s; steps += out.decode_steps
 print(json.dumps({"tokens": toks, "tok_s": steps / dec_s, "load_s": load_s,
-                  "modeling": sorted(x for x in sys.modules if ".modeling_" in x)}))
+                  "modeling": sorted(x for x in sys.modules if re.match(r"transformers\\.models\\.(?!auto\\.)\\w+\\.modeling_", x))}))
 """
 
 
@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=None, help="package directory (default: a temporary one)")
+    ap.add_argument("--package", default=None, help="reuse a package built earlier (times from its manifest)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     opt = zycompile.optimize(None, "smollm2-135m", overrides=args.overrides)

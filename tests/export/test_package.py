@@ -23,11 +23,11 @@ FAST = [
     "passes=[canonicalize_attention, weight_layout, fuse_projections]",
 ]
 FRESH = """
-import json, sys
+import json, re, sys
 import zycompile
 m = zycompile.load(sys.argv[1])
 out = m.generate(json.loads(sys.argv[2]), max_new_tokens=10, ignore_eos=True)
-print(json.dumps({"tokens": out.tokens, "modeling": sorted(x for x in sys.modules if ".modeling_" in x)}))
+print(json.dumps({"tokens": out.tokens, "modeling": sorted(x for x in sys.modules if re.match(r"transformers\\.models\\.(?!auto\\.)\\w+\\.modeling_", x))}))
 """
 
 
