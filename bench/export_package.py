@@ -49,7 +49,6 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default=None, help="package directory (default: a temporary one)")
-    ap.add_argument("--package", default=None, help="reuse a package built earlier (times from its manifest)")
     ap.add_argument("--no-append", action="store_true")
     args = ap.parse_args()
     opt = zycompile.optimize(None, "smollm2-135m", overrides=args.overrides)

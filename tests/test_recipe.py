@@ -98,7 +98,7 @@ def test_empty_file_is_all_defaults(tmp_path):
 # (id, yaml text, key path, bad value as it appears in the message, further fragments)
 BAD = [
     # unknown keys
-    ("unknown-top-level", "speculative: {method: ngram}\n", "speculative", "'speculative'", ["unknown key"]),
+    ("unknown-top-level", "serving: {port: 8000}\n", "serving", "'serving'", ["unknown key"]),
     ("top-level-typo-passes", "pases: []\n", "pases", "'pases'", ["did you mean 'passes'"]),
     (
         "unknown-nested",
@@ -527,9 +527,9 @@ def test_bad_override(good, override, fragments):
 
 
 def test_override_unknown_section(good):
-    err = load_error(good, ["speculative.method=ngram"])
+    err = load_error(good, ["serving.port=8000"])
     msg = str(err)
-    assert msg.startswith(f"{good}: speculative: unknown key 'speculative'"), msg
+    assert msg.startswith(f"{good}: serving: unknown key 'serving'"), msg
     assert_clean(err)
 
 

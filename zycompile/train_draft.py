@@ -163,7 +163,7 @@ def cmd_train_draft(args) -> int:
         "vocab_size": model.config.vocab_size,
         "steps": done,
         "tokens": done * args.batch * args.seq_len,
-        "command": "zycompile " + " ".join(sys.argv[1:]),
+        "command": "zycompile " + " ".join(getattr(args, "argv", sys.argv[1:])),
         "val_top1": round(acc, 4),
         "train_seconds": round(time.perf_counter() - t0),
     }
