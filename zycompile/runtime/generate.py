@@ -271,13 +271,16 @@ class Generator:
             out = [self._trim_stop(o, params.stop) for o in out]
         return out, ttft, decode_s, steps
 
-    def prefill(self, rows: list[list[int]], lens: list[int]) -> torch.Tensor:
-        """Fill cache rows 0..B-1 with ``rows`` (bucket-padded batch); logits after each row's last token."""
+    def prefill(self, rows: list[list[int]], lens: list[int], chunk_fn=None) -> torch.Tensor:
+        """Fill cache rows 0..B-1 with ``rows`` (bucket-padded batch); logits after each row's last token.
+
+        ``chunk_fn`` replaces ``prefill_chunk`` (the speculative runtime also feeds its drafter)."""
+        chunk_fn = chunk_fn or self.prefill_chunk
         longest = max(lens)
         chunk = bucket_for(longest, self.prefill_buckets)
         logits = None
         for start in range(0, longest, chunk):
-            out = self.prefill_chunk(rows, lens, start, min(chunk, longest - start))
+            out = chunk_fn(rows, lens, start, min(chunk, longest - start))
             ends_here = torch.tensor([start <= n - 1 < start + chunk for n in lens], device=out.device)
             logits = out if logits is None else torch.where(ends_here[:, None], out, logits)
         return logits
@@ -291,6 +294,13 @@ class Generator:
         cache_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run tokens [start, start + count) of each row (padded to a prefill bucket) through the model."""
+        ids, pos, last = self.prefill_inputs(rows, lens, start, count)
+        return self.step(ids, pos, last, cache_rows)
+
+    def prefill_inputs(
+        self, rows: list[list[int]], lens: list[int], start: int, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids, pos, last) on the device for one prefill chunk, lengths marked dynamic when prefill is."""
         bsz = len(rows)
         width = count if self.dynamic_prefill else bucket_for(count, self.prefill_buckets)
         ids = torch.zeros(bsz, width, dtype=torch.long)
@@ -305,7 +315,7 @@ class Generator:
                 # a hint, not a constraint: code that guards on the length (DTensor under TP guards
                 # T >= 3) gets its own graph for the excluded lengths instead of an error
                 torch._dynamo.maybe_mark_dynamic(t, 1)
-        return self.step(ids, pos, last.to(self.device), cache_rows)
+        return ids, pos, last.to(self.device)
 
     def hit_stop(self, toks: list[int], stop: tuple[str, ...]) -> bool:
         if not stop or self.tokenizer is None:

@@ -212,30 +212,13 @@ class Speculator:
             self.drafter.prefill_chunk(rows, lens, start, count, cache_rows, None)
             return logits
         # Same inputs as Generator.prefill_chunk, through the forward that also returns hidden states.
-        width = count if gen.dynamic_prefill else bucket_for(count, gen.prefill_buckets)
-        ids = torch.zeros(bsz, width, dtype=torch.long)
-        for b, r in enumerate(rows):
-            piece = r[start : start + min(width, count)]
-            ids[b, : len(piece)] = torch.tensor(piece, dtype=torch.long)
-        pos = (torch.arange(width) + start).clamp(max=gen.max_seq_len - 1).expand(bsz, width).contiguous()
-        last = torch.tensor([min(max(n - 1 - start, 0), width - 1) for n in lens])
-        ids, pos, last = ids.to(gen.device), pos.to(gen.device), last.to(gen.device)
-        if gen.dynamic_prefill and width > 1:
-            for t in (ids, pos):
-                torch._dynamo.mark_dynamic(t, 1, min=2, max=gen.prefill_buckets[-1])
+        ids, pos, last = gen.prefill_inputs(rows, lens, start, count)
         logits, hidden = self.forward(ids, pos, last, cache_rows)
         self.drafter.prefill_chunk(rows, lens, start, count, cache_rows, hidden)
         return logits
 
     def prefill(self, rows, lens) -> torch.Tensor:
-        longest = max(lens)
-        chunk = bucket_for(longest, self.gen.prefill_buckets)
-        logits = None
-        for start in range(0, longest, chunk):
-            out = self.prefill_chunk(rows, lens, start, min(chunk, longest - start))
-            ends_here = torch.tensor([start <= n - 1 < start + chunk for n in lens], device=out.device)
-            logits = out if logits is None else torch.where(ends_here[:, None], out, logits)
-        return logits
+        return self.gen.prefill(rows, lens, chunk_fn=self.prefill_chunk)
 
     # ---- one round ------------------------------------------------------------------------------
 
