@@ -69,7 +69,12 @@ def test_collect_sees_weight_layout_and_skips_the_tuned_pass_itself():
 
 
 def test_decompose_mm_rule_matches_inductor_limits():
-    recipe = load_recipe("smollm2-135m")
+    recipe = load_recipe(
+        {
+            "model": {"source": "smollm2-135m-instruct"},
+            "lowering": {"options": {"post_grad_fusion_options": {"decompose_mm_pass": {}}}},
+        }
+    )
     low = recipe.lowering
     assert decomposed_by_inductor(low, GemmShape(960, 576, 1, "float32", "kmajor", False))
     assert not decomposed_by_inductor(low, GemmShape(3072, 576, 1, "float32", "kmajor", False))  # N > 2048

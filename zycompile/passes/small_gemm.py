@@ -1,0 +1,98 @@
+"""Turn small-M linears (decode steps, speculative verify) into weight-streaming reductions.
+
+A decode step multiplies a few rows (M = batch x tokens, 1-8) by every weight: it is a pure weight
+read. BLAS on this kind of CPU streams an M=1 GEMV at ~10-19 GB/s and gets slower per weight byte
+for M = 2..8; Inductor's fused reduction streams it at ~20-30 GB/s. Written as one reduction per row
+over the same weight, Inductor fuses the M reductions into one loop that loads each weight vector
+once for all rows, so a few rows cost about what one does, and each result row stays contiguous (a
+single [N, M] reduction leaves a transposed layout that ruins the next GEMV's loop order).
+
+Before::
+
+    linear = linear(x, w, b)                         # x [B, T, K] with B*T = M <= max_m, w [N, K]
+
+After::
+
+    x2 = reshape(x, [M, K])
+    r0 = sum(mul(w, x2[0]), -1) ... r{M-1} = sum(mul(w, x2[M-1]), -1)   # [N] each, fused
+    out = stack([r0, ..., r{M-1}]).reshape(B, T, N) + b
+
+Only graphs with a static M are rewritten (symbolic-length prefill keeps its GEMM). Weights must be
+row-major ``[N, K]`` (the layout HF loads): a K-major weight (``weight_layout``) would be read
+across rows, so such linears are left alone with a note. Summation order differs from BLAS, so
+results match to float rounding, not bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+
+import torch
+import torch.fx
+
+from zycompile.passes import register_pass
+from zycompile.passes.base import GraphPass, PassResult, arg, meta_val
+from zycompile.passes.fuse_projections import LINEAR
+from zycompile.passes.fx_util import propagate_meta
+
+
+@register_pass
+class SmallGemmPass(GraphPass):
+    name = "small_gemm"
+    stage = "pre_grad"
+    expect_matches = False  # a prefill-only graph has no small-M linear
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        max_m: int = 8  # largest rows x tokens rewritten (measured on this CPU: M=8 ties BLAS)
+        device: str = "cpu"  # only graphs on this device type (GPU GEMV kernels are already fine)
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        matches, notes = 0, []
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target not in LINEAR:
+                continue
+            x, w = meta_val(node.args[0]), meta_val(arg(node, 1, "weight"))
+            if not isinstance(x, torch.Tensor) or not isinstance(w, torch.Tensor) or w.dim() != 2:
+                continue
+            if x.device.type != self.opts.device or not all(isinstance(d, int) for d in x.shape):
+                continue
+            m = math.prod(x.shape[:-1])
+            if m > self.opts.max_m or m == 0:
+                continue
+            if w.stride() != (w.shape[1], 1):
+                notes.append(f"{node.name}: weight is not row-major [N, K] (K-major layout?); kept as GEMM")
+                continue
+            self._rewrite(gm, node, m)
+            matches += 1
+        if matches:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(modified=matches > 0, matches=matches, notes=notes)
+
+    @staticmethod
+    def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, m: int) -> None:
+        g = gm.graph
+        x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
+        lead = tuple(meta_val(x).shape[:-1])
+        k, n = meta_val(w).shape[1], meta_val(w).shape[0]
+        with g.inserting_before(node):
+            x2 = _call(g, torch.reshape, (x, (m, k)))
+            rows = []
+            for i in range(m):  # one reduction per row; Inductor fuses them and loads w once
+                xi = _call(g, operator.getitem, (x2, i))
+                rows.append(_call(g, torch.sum, (_call(g, torch.mul, (w, xi)), -1)))
+            out = _call(g, torch.stack, (rows, 0)) if m > 1 else _call(g, torch.unsqueeze, (rows[0], 0))
+            out = _call(g, torch.reshape, (out, (*lead, n)))
+            if b is not None:
+                out = _call(g, torch.add, (out, b))
+        node.replace_all_uses_with(out)
+        g.erase_node(node)
+
+
+def _call(g: torch.fx.Graph, target, args) -> torch.fx.Node:
+    node = g.call_function(target, args)
+    propagate_meta(node)
+    return node
