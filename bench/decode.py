@@ -25,6 +25,7 @@ from zycompile.bench.machine import machine_line
 from zycompile.bench.report import publish
 from zycompile.data import sample_sharegpt
 from zycompile.models import load_model
+from zycompile.runtime.compiled import compile_step
 from zycompile.runtime.metrics import (
     kv_bytes_per_token,
     mbu,
@@ -78,7 +79,7 @@ def main() -> None:
     gen.generate([prompts[0]], max_new_tokens=2, ignore_eos=True)
     cold = time.perf_counter() - t0
     torch._dynamo.reset()
-    gen.compiled_step = torch.compile(gen._step, backend=opt.backend, dynamic=False)
+    gen.compiled_step = compile_step(gen._step, opt.backend)
     gen.seen_shapes.clear()
     t0 = time.perf_counter()
     gen.generate([prompts[0]], max_new_tokens=2, ignore_eos=True)

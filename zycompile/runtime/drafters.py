@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from zycompile.errors import RecipeError
+from zycompile.runtime.compiled import compile_step
 
 
 class Drafter:
@@ -161,7 +162,7 @@ class EarlyExitDrafter(Drafter):
         self.exit = copy.copy(gen.decoder)
         self.exit.config = copy.deepcopy(gen.decoder.config)
         self.exit.config.num_hidden_layers = exit_layer
-        self.compiled = torch.compile(self._step, backend=gen.opt.backend, dynamic=False)
+        self.compiled = compile_step(self._step, gen.opt.backend)
 
     def _step(self, ids, pos):
         gen = self.gen

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from zycompile.errors import RecipeError
+from zycompile.runtime.compiled import compile_step
 from zycompile.runtime.drafters import Drafter
 from zycompile.runtime.kv_cache import StaticKVCache
 
@@ -147,7 +148,7 @@ class EagleDrafter(Drafter):
         rows = gen.cache.batch
         self.feat = torch.zeros(rows, self.width, text.hidden_size, dtype=gen.dtype, device=gen.device)
         self.start = [0] * rows  # entries start..pos-1 are pending (features known, not yet in the cache)
-        self.compiled = torch.compile(self._draft, backend=gen.opt.backend, dynamic=False)
+        self.compiled = compile_step(self._draft, gen.opt.backend)
         self.max_pos = gen.max_seq_len - 1
 
     def _draft(self, feat, ids, pos, last, rows=None):

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
+from zycompile.runtime.compiled import compile_step
 from zycompile.runtime.generate import bucket_for
 from zycompile.runtime.sampling import SamplingParams, probabilities, sample
 
@@ -164,7 +165,7 @@ class Speculator:
         self.gen, self.spec = gen, spec
         self.k = spec.num_tokens
         self.stats = SpecStats()
-        self.compiled_forward = torch.compile(self._forward, backend=gen.opt.backend, dynamic=False)
+        self.compiled_forward = compile_step(self._forward, gen.opt.backend)
         self.seen_shapes: set[tuple] = set()
         self.drafter = build_drafter(gen, spec)
 
