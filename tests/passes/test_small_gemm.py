@@ -39,6 +39,7 @@ def test_decode_linears_rewritten_tokens_equal():
     per_graph = sorted(r.matches for r in opt.compile_report().passes if r.name == "small_gemm")
     assert per_graph[-2:] == [9, 9] and set(per_graph[:-2]) == {1}, per_graph
 
+
 def test_logits_match_plain_linear():
     torch._dynamo.reset()
     model = load_model("tiny:llama").model
