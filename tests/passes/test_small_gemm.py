@@ -11,7 +11,7 @@ AOT = ["lowering.backend=aot_eager"]
 PROMPTS = [[5, 17, 33, 2, 9], [7, 8], list(range(40, 75))]
 
 
-def recipe(passes, max_m=4):
+def recipe(passes):
     return {
         "model": {"source": "tiny:llama"},
         "passes": passes,
