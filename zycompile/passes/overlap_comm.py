@@ -107,6 +107,15 @@ def _pieces(split: torch.fx.Node, world: int) -> list[torch.fx.Node] | None:
     return [items[i] for i in range(world)]
 
 
+def _whole_slice(node) -> bool:
+    """``slice(x, d, 0, >= size)`` (DTensor emits one when it un-pads a gather): the same tensor."""
+    if not is_call(node, aten.slice.Tensor) or node.kwargs:
+        return False
+    defaults = [0, None, None, 1]  # dim, start, end, step
+    _, start, _, step = list(node.args[1:]) + defaults[len(node.args) - 1 :]
+    return start in (0, None) and step == 1 and _shape(node) == _shape(node.args[0])
+
+
 @register_pass
 class OverlapCommPass(GraphPass):
     name = "overlap_comm"
@@ -199,7 +208,7 @@ class OverlapCommPass(GraphPass):
         while work:
             n = work.pop()
             for u in n.users:
-                if is_call(u, *VIEWS) and u.args[0] is n:
+                if (is_call(u, *VIEWS) or _whole_slice(u)) and u.args[0] is n:
                     layout.append(u)
                     work.append(u)
                 elif is_call(u, aten.mm.default) and u.args[0] is n and _shape(n) == flat:
