@@ -34,7 +34,8 @@ Post-grad stage, for both lowerings (aot_eager's forward compiler and Inductor's
 
 Left alone, and counted in the notes: a gather whose result feeds anything but GEMMs (the final
 norm's gather for the LM head), a reduce-scatter whose input is not a lone GEMM's output, GEMMs with
-a bias before a reduce-scatter, weights computed from activations, tensors under ``min_bytes``.
+a bias before a reduce-scatter, weights computed from activations, tensors under ``min_bytes``,
+symbolic shapes (``prefill: dynamic``: the ring needs static chunk sizes here; left correct, unfused).
 Decode graphs under sequence parallelism run as plain TP (all-reduces): nothing to match there.
 
 TSP's ring steps (``parallel/tsp*.py``) run as Python P2P inside their own code, not as functional
