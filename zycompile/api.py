@@ -84,7 +84,7 @@ def optimize(
             from zycompile.parallel.tp import apply_tp
 
             recipe, notes = _without_unsharded_passes(recipe)
-            apply_tp(model, recipe.parallel.degree, device.type)
+            apply_tp(model, recipe.parallel.degree, device.type, recipe.parallel.sequence_parallel)
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     _allow_bucket_recompiles(recipe)

@@ -56,8 +56,12 @@ class ParallelSection:
     degree: int = 1
     kv_layout: Literal["round_robin", "contiguous"] = "round_robin"  # which rank owns position p
     timeout_s: float = 300.0  # a collective waiting longer than this ends the job with an error
+    # tp only: shard the residual stream and norms on the sequence (all-gather/reduce-scatter pairs)
+    sequence_parallel: bool = False
 
     def check(self):
+        if self.sequence_parallel and self.mode != "tp":
+            yield "sequence_parallel", f"got true with mode '{self.mode}'; it applies to mode 'tp' only"
         if self.degree < 1:
             yield "degree", f"got {self.degree!r}; expected an integer >= 1"
         if self.timeout_s <= 0:

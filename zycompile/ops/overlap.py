@@ -10,10 +10,14 @@ partial sum received from the previous rank and sends it on, so sends overlap th
 
 Both are exact reorderings of the same sums (the reduce-scatter adds partials in ring order).
 ``overlap=False`` gives the sequential collective-then-GEMM reference. P2P on the default backend
-(gloo on CPU); on CUDA PyTorch's symmetric-memory fused ops are the faster path where available.
+(gloo on CPU); on CUDA PyTorch's symmetric-memory fused ops are the faster path where available
+(``zycompile/ops/overlap_ops.py`` picks). ``gather_dim`` / ``scatter_dim`` name the sequence dim of a
+``[B, T, H]`` activation (Shard(1) under TP with sequence parallelism).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,16 +39,44 @@ def _exchange(send: torch.Tensor, recv: torch.Tensor, nxt: int, prv: int, group)
     return dist.batch_isend_irecv(ops)
 
 
-def all_gather_matmul(x: torch.Tensor, w: torch.Tensor, group=None, overlap: bool = True) -> torch.Tensor:
-    """``cat(all_gather(x)) @ w`` for x ``[m, K]`` per rank, w ``[K, N]``; result ``[world*m, N]``."""
+def _mm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out = a @ w (+ bias)``, straight into ``out`` when it is one contiguous slab."""
+    if out.is_contiguous():
+        a2, o2 = a.reshape(-1, a.shape[-1]), out.view(-1, out.shape[-1])
+        if bias is None:
+            torch.mm(a2, w, out=o2)
+        else:
+            torch.addmm(bias, a2, w, out=o2)
+    else:
+        out.copy_(a @ w if bias is None else torch.addmm(bias, a.reshape(-1, a.shape[-1]), w).view(out.shape))
+
+
+def all_gather_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor | Sequence[torch.Tensor],
+    group=None,
+    overlap: bool = True,
+    gather_dim: int = 0,
+    biases: Sequence[torch.Tensor] | None = None,
+):
+    """``cat(all_gather(x), gather_dim) @ w_i (+ bias_i)`` for each weight ``[K, N_i]``; x ``[..., m, ..., K]``.
+
+    One gather feeds every weight (q/k/v share one). Returns a tensor for one weight, a list for a list."""
+    ws = [w] if isinstance(w, torch.Tensor) else list(w)
+    bs = list(biases) if biases else [None] * len(ws)
     world, rank, nxt, prv = _ring(group)
-    m = x.shape[0]
+    m = x.shape[gather_dim]
+    full = list(x.shape)
+    full[gather_dim] = world * m
+    outs = [x.new_empty((*full[:-1], wi.shape[1])) for wi in ws]
     if not overlap:
-        parts = [torch.empty_like(x) for _ in range(world)]
+        gathered = x.new_empty((world * x.shape[0], *x.shape[1:]))
         comm_stats.record("all_gather", x.numel() * x.element_size())
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts) @ w
-    out = x.new_empty((world * m, w.shape[1]))
+        dist.all_gather_into_tensor(gathered, x.contiguous(), group=group)
+        a = torch.cat(gathered.chunk(world), gather_dim) if gather_dim else gathered
+        for wi, bi, oi in zip(ws, bs, outs):
+            _mm(a, wi, bi, oi)
+        return outs[0] if isinstance(w, torch.Tensor) else outs
     chunk = x.contiguous()
     for step in range(world):
         src = (rank - step) % world  # the rank whose rows ``chunk`` holds
@@ -52,26 +84,31 @@ def all_gather_matmul(x: torch.Tensor, w: torch.Tensor, group=None, overlap: boo
         if step < world - 1:
             incoming = torch.empty_like(chunk)
             reqs = _exchange(chunk, incoming, nxt, prv, group)
-        torch.mm(chunk, w, out=out[src * m : (src + 1) * m])
+        for wi, bi, oi in zip(ws, bs, outs):
+            _mm(chunk, wi, bi, oi.narrow(gather_dim, src * m, m))
         for r in reqs:
             r.wait()
         chunk = incoming
-    return out
+    return outs[0] if isinstance(w, torch.Tensor) else outs
 
 
-def matmul_reduce_scatter(x: torch.Tensor, w: torch.Tensor, group=None, overlap: bool = True) -> torch.Tensor:
-    """This rank's row block of ``sum over ranks(x @ w)``; x ``[M, k]`` (a K-slice), w ``[k, N]``; M % world == 0."""
+def matmul_reduce_scatter(
+    x: torch.Tensor, w: torch.Tensor, group=None, overlap: bool = True, scatter_dim: int = 0
+) -> torch.Tensor:
+    """This rank's block (on ``scatter_dim``) of ``sum over ranks(x @ w)``; x ``[..., M, ..., k]`` (a
+    K-slice), w ``[k, N]``; M % world == 0."""
     world, rank, nxt, prv = _ring(group)
-    rows = x.shape[0] // world
+    rows = x.shape[scatter_dim] // world
     if not overlap:
         full = x @ w
-        comm_stats.record("all_reduce", full.numel() * full.element_size())
-        dist.all_reduce(full, group=group)  # gloo has no reduce-scatter: all-reduce, keep our block
-        return full[rank * rows : (rank + 1) * rows].contiguous()
+        out = full.new_empty((*full.shape[:scatter_dim], rows, *full.shape[scatter_dim + 1 :]))
+        comm_stats.record("reduce_scatter", full.numel() * full.element_size())
+        dist.reduce_scatter(out, [c.contiguous() for c in full.chunk(world, scatter_dim)], group=group)
+        return out
     acc, reqs, sent = None, [], None
     for step in range(world):
         blk = (rank - step - 1) % world  # ends at step world-1 with this rank's own block
-        part = x[blk * rows : (blk + 1) * rows] @ w  # computed while the previous send is in flight
+        part = x.narrow(scatter_dim, blk * rows, rows) @ w  # computed while the previous send is in flight
         for r in reqs:
             r.wait()
         if acc is not None:

@@ -22,6 +22,28 @@ _DENSE_DECODER = {
     "lm_head": "vocab_head",
 }
 
+# Sequence parallelism (``parallel.sequence_parallel``) on top of the dense plan: the residual stream
+# and the norms are sharded on the sequence; the attention / MLP input is all-gathered once for
+# q/k/v (gate/up), and o/down reduce-scatter onto the sequence (see tp_sequence.py).
+_SEQUENCE_PARALLEL = {
+    "model.embed_tokens": "seq_vocab_embedding",
+    "model.layers.*.input_layernorm": "seq_norm",
+    "model.layers.*.self_attn": "gather_seq_hidden_states",
+    "model.layers.*.self_attn.o_proj": "seq_rowwise",
+    "model.layers.*.post_attention_layernorm": "seq_norm",
+    "model.layers.*.mlp": "gather_seq",
+    "model.layers.*.mlp.down_proj": "seq_rowwise",
+    "model.norm": "seq_norm_gather",
+}
+
+
+def plan_for(model_type: str, sequence_parallel: bool = False) -> dict[str, str]:
+    plan = dict(TP_PLANS[model_type])
+    if sequence_parallel:
+        plan.update(_SEQUENCE_PARALLEL)
+    return plan
+
+
 # model_type (HF config) -> plan. Qwen3's per-head q/k norms need nothing: each rank has whole heads.
 TP_PLANS: dict[str, dict[str, str]] = {
     "llama": _DENSE_DECODER,
@@ -35,9 +57,17 @@ def styles() -> dict[str, Any]:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+    from zycompile.parallel.tp_sequence import GatherSequence, SeqNorm, SeqRowwise
+
     return {
         "colwise": ColwiseParallel(),
         "rowwise": RowwiseParallel(),
         "vocab_embedding": RowwiseParallel(input_layouts=Replicate()),  # rows = vocabulary entries
         "vocab_head": ColwiseParallel(output_layouts=Replicate()),  # every rank gets full logits
+        "seq_vocab_embedding": SeqRowwise(embedding=True),
+        "seq_rowwise": SeqRowwise(),
+        "seq_norm": SeqNorm(),
+        "seq_norm_gather": SeqNorm(gather=True),
+        "gather_seq": GatherSequence(),
+        "gather_seq_hidden_states": GatherSequence(kwarg="hidden_states"),
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from zycompile.errors import ZyError
-from zycompile.parallel.plans import TP_PLANS, styles
+from zycompile.parallel.plans import TP_PLANS, plan_for, styles
 
 
 class ShardingError(ZyError):
@@ -33,8 +33,10 @@ def check_divisible(config, degree: int) -> None:
             )
 
 
-def apply_tp(model: torch.nn.Module, degree: int, device_type: str = "cpu"):
-    """Shard ``model`` in place over a 1-D mesh of ``degree`` ranks; returns the mesh."""
+def apply_tp(model: torch.nn.Module, degree: int, device_type: str = "cpu", sequence_parallel: bool = False):
+    """Shard ``model`` in place over a 1-D mesh of ``degree`` ranks; returns the mesh.
+
+    ``sequence_parallel``: also shard the residual stream and norms on the sequence (tp_sequence.py)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
@@ -50,7 +52,8 @@ def apply_tp(model: torch.nn.Module, degree: int, device_type: str = "cpu"):
     if tied:  # shard once (both are vocab-sharded on dim 0), then tie the shards again
         head.weight = torch.nn.Parameter(emb.weight.detach(), requires_grad=False)
     style = styles()
-    parallelize_module(model, mesh, {fqn: style[name] for fqn, name in TP_PLANS[model_type].items()})
+    plan = plan_for(model_type, sequence_parallel)
+    parallelize_module(model, mesh, {fqn: style[name] for fqn, name in plan.items()})
     if tied:
         head.weight = emb.weight
     return mesh

@@ -26,6 +26,7 @@ def get_pass_class(name: str) -> type[GraphPass]:
 from zycompile.passes import (  # noqa: E402,F401
     canonicalize_attention,
     fuse_projections,
+    overlap_comm,
     small_gemm,
     tree_attention,
     tuned_gemm,
