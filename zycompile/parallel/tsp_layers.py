@@ -30,6 +30,7 @@ import torch
 import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
+import zycompile.ops.tree_attention  # noqa: F401  (registers the decode attention ops)
 from zycompile.runtime.sharded_kv_cache import NEVER
 
 
