@@ -186,11 +186,14 @@ class TSPCausalLM(nn.Module):
     def step(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, cache, past: bool = False):
         """The runtime's step: logits ``[B, V]`` (float32) after token ``last[b]`` of each row."""
         if ids.shape[1] == 1 and cache is not None:
-            return self._logits(self._decode(ids, pos, cache)).float()
-        x, mine, _ = self._prefill(ids, pos, cache, past)
-        pick = (mine[None, :] == last[:, None]).to(x.dtype)  # [B, n]: 1 where this rank holds the row's last
-        h = self.ring.all_reduce((x * pick[..., None]).sum(1))  # exactly one rank contributes each row
-        return self._logits(h).float()
+            h = self._decode(ids, pos, cache)
+        else:
+            x, mine, _ = self._prefill(ids, pos, cache, past)
+            # [B, n]: 1 where this rank holds the row's last token
+            pick = (mine[None, :] == last[:, None]).to(x.dtype)
+            h = self.ring.all_reduce((x * pick[..., None]).sum(1))  # exactly one rank contributes each row
+        # a copy, not a view of the gathered logits: eager callers get a plain, waited-on tensor
+        return self._logits(h).to(torch.float32, copy=True)
 
     def forward(self, input_ids, past_key_values=None, attention_mask=None, position_ids=None, **kwargs):
         """Logits of every position (no cache): the reference path for tests and ``OptimizedModel(ids)``."""
