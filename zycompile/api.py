@@ -41,7 +41,12 @@ class OptimizedModel:
         if self._generator is None:
             from zycompile.runtime.generate import Generator
 
-            self._generator = Generator(self)
+            if self.recipe.parallel.mode == "tsp":  # tokens split over the ranks in prefill
+                from zycompile.parallel.tsp import tsp_generator
+
+                self._generator = tsp_generator(self)
+            else:
+                self._generator = Generator(self)
         return self._generator
 
     def generate(self, prompts: Any, **kwargs: Any):
@@ -71,12 +76,17 @@ def optimize(
         loaded = load_model(model or recipe.model.source, recipe.model.dtype)
         model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
     notes: list[str] = []
-    if recipe.parallel.mode == "tsp":
+    if recipe.parallel.mode == "tsp" and recipe.speculative.method != "none":
         from zycompile.errors import ZyError
 
         raise ZyError(
-            f"{recipe.source_file or '<recipe>'}: parallel.mode 'tsp' is not implemented yet; use 'tp' or 'sp'"
+            f"{recipe.source_file or '<recipe>'}: parallel.mode 'tsp' does not run speculative decoding; "
+            "set speculative.method: none"
         )
+    if recipe.parallel.mode == "tsp":  # refuse an unsplittable model before any process group exists
+        from zycompile.parallel.tsp import check_tsp
+
+        check_tsp(model.config, recipe.parallel.degree)
     if recipe.parallel.mode != "none" or launched_world_size() > 1:
         device = next(model.parameters()).device
         setup(recipe.parallel, device)
@@ -85,6 +95,11 @@ def optimize(
 
             recipe, notes = _without_unsharded_passes(recipe)
             apply_tp(model, recipe.parallel.degree, device.type, recipe.parallel.sequence_parallel)
+        elif recipe.parallel.mode == "tsp":
+            from zycompile.parallel.tsp import apply_tsp, tsp_passes
+
+            recipe, notes, tree = tsp_passes(recipe)
+            model = apply_tsp(model, recipe.parallel.degree, tree)
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     _allow_bucket_recompiles(recipe)
@@ -116,8 +131,9 @@ def _without_unsharded_passes(recipe: Recipe) -> tuple[Recipe, list[str]]:
 
 def _allow_bucket_recompiles(recipe: Recipe) -> None:
     """One graph per prefill bucket and per batch bucket is by design; don't let Dynamo give up early."""
+    prefill_kinds = 2 if recipe.parallel.mode == "tsp" else 1  # TSP: first chunk / later chunks
     need = (
-        len(recipe.runtime.prefill_buckets) * len(recipe.runtime.batch_buckets)
+        len(recipe.runtime.prefill_buckets) * len(recipe.runtime.batch_buckets) * prefill_kinds
         + len(recipe.runtime.batch_buckets)
         + 8
     )

@@ -21,14 +21,23 @@ class ShardingError(ZyError):
 def check_divisible(config, degree: int) -> None:
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     kv = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    for name, value in [
-        ("num_attention_heads", text.num_attention_heads),
-        ("num_key_value_heads", kv),
-        ("intermediate_size", text.intermediate_size),
-    ]:
+    require_divisible(
+        text.model_type,
+        degree,
+        [
+            ("num_attention_heads", text.num_attention_heads),
+            ("num_key_value_heads", kv),
+            ("intermediate_size", text.intermediate_size),
+        ],
+    )
+
+
+def require_divisible(model_type: str, degree: int, sizes: list[tuple[str, int]]) -> None:
+    """One clear ShardingError for the first size ``degree`` ranks cannot split evenly."""
+    for name, value in sizes:
         if value % degree:
             raise ShardingError(
-                f"parallel.degree {degree}: {text.model_type} has {name}={value}, which {degree} ranks "
+                f"parallel.degree {degree}: {model_type} has {name}={value}, which {degree} ranks "
                 f"cannot split evenly; use a degree dividing {value}"
             )
 

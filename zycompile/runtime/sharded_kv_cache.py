@@ -42,10 +42,15 @@ class SeqShardedKVCache(StaticKVCache):
         super().__init__(num_layers, batch, kv_heads, local + 1, head_dim, dtype, device, v_head_dim)
         self.global_len, self.local_len = max_seq_len, local
         self.rank, self.world, self.layout = rank, world, layout
+        self.key_positions = self.positions_of(rank, device)
+
+    def positions_of(self, rank: int, device=None) -> torch.Tensor:
+        """Global position held by each slot (trash slot last) of ``rank``'s slice; unused slots: NEVER."""
+        local, world = self.local_len, self.world
         slots = torch.arange(local, device=device)
-        pos = slots * world + rank if layout == "round_robin" else rank * local + slots
-        pos = torch.where(pos < max_seq_len, pos, torch.full_like(pos, NEVER))
-        self.key_positions = torch.cat([pos, torch.tensor([NEVER], device=device)])
+        pos = slots * world + rank if self.layout == "round_robin" else rank * local + slots
+        pos = torch.where(pos < self.global_len, pos, torch.full_like(pos, NEVER))
+        return torch.cat([pos, torch.tensor([NEVER], device=device)])
 
     def owner_of(self, pos: torch.Tensor) -> torch.Tensor:
         return pos % self.world if self.layout == "round_robin" else pos // self.local_len

@@ -1,0 +1,271 @@
+"""TSP: tensor + sequence parallelism (after Zyphra's TSP, arXiv 2604.26294) on one mesh axis of D ranks.
+
+Each rank holds 1/D of every weight, as DTensor shards on a 1-D DeviceMesh: ``Shard(0)`` for q/k/v/
+gate/up (output rows), ``Shard(1)`` for o/down (input columns), the embedding and LM head on the
+vocabulary; norms are replicated. The math (``tsp_layers.py``) uses the shards' ``to_local()``.
+
+- **Prefill** shards the *tokens*: a prompt of T tokens is padded to a multiple of 2D and split
+  zigzag (rank r takes chunks r and 2D-1-r) so causal attention work is balanced. Norms and
+  residuals are per token, so activations stay ``T/D x hidden`` per rank; the weight shards travel
+  instead (q/k/v and o broadcast in turn, the MLP's around a point-to-point ring), and K/V of the
+  chunk is all-gathered for attention and for the owners' cache writes. No all-reduce in the MLP.
+- **Decode** runs one token per row, fewer tokens than ranks, so sharding tokens has nothing to
+  split: moving 1/D of every weight per generated token would cost ~(D-1)/D of the model's bytes
+  per step, against a few KiB of activations. Decode therefore keeps the same shards stationary
+  (TP-style: column shards + all-gather of q/k/v, row shards + all-reduce for o and down) and
+  attends with tree attention over the sequence-sharded KV cache (``SeqShardedKVCache``).
+
+Shards need not be head-aligned: every rank gathers whole heads before attention (prefill: all heads
+of its tokens; decode: all heads of the new token), so only the projection row counts, the
+intermediate size and the vocabulary must divide D. SmolLM2 (9 query / 3 KV heads of 64) therefore
+runs at D = 2, 3 and 4, where plain TP needs whole heads per rank (D = 3 only).
+
+Limits: llama-family decoders only (llama, mistral, qwen2, qwen3); no sliding-window masks, no MLP
+biases; prefill chunks after the first (prompts longer than the largest prefill bucket) all-gather
+the cache slices (a full layer's KV cache, transiently); no speculative decoding or export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zycompile.parallel.tp import ShardingError, require_divisible
+from zycompile.parallel.tsp_layers import (
+    NEVER,
+    Ring,
+    decode_attention,
+    decode_mlp,
+    embed_partial,
+    prefill_attention,
+    prefill_embed,
+    prefill_mlp,
+    zigzag,
+)
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION_PASSES = ("canonicalize_attention", "tree_attention")  # TSP issues its attention ops itself
+
+
+def check_tsp(config, degree: int) -> None:
+    """Refuse, before anything is sharded, a model TSP cannot split over ``degree`` ranks."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    if text.model_type not in ARCHS:
+        raise ShardingError(
+            f"parallel.mode 'tsp': model_type '{text.model_type}' is not supported (supported: {', '.join(ARCHS)})"
+        )
+    if getattr(text, "mlp_bias", False):
+        raise ShardingError(f"parallel.mode 'tsp': {text.model_type} with mlp_bias is not supported")
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    require_divisible(
+        text.model_type,
+        degree,
+        [
+            ("num_attention_heads x head_dim", heads * head_dim),
+            ("num_key_value_heads x head_dim", kv * head_dim),
+            ("intermediate_size", text.intermediate_size),
+            ("vocab_size", text.vocab_size),
+        ],
+    )
+
+
+def _shard(t: torch.Tensor, dim: int, mesh) -> nn.Parameter:
+    """This rank's ``1/D`` slice of ``t`` along ``dim`` as a DTensor parameter (a copy: ``t`` can be freed)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    local = t.detach().chunk(mesh.size(), dim=dim)[mesh.get_local_rank()].contiguous().clone()
+    return nn.Parameter(DTensor.from_local(local, mesh, [Shard(dim)], run_check=False), requires_grad=False)
+
+
+class TSPLayer(nn.Module):
+    def __init__(self, layer: nn.Module, mesh):
+        super().__init__()
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_layernorm = layer.input_layernorm
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.head_dim, self.scale = attn.head_dim, float(attn.scaling)
+        self.q_rows, self.kv_rows = attn.q_proj.out_features, attn.k_proj.out_features
+        self.wq, self.wk, self.wv = (
+            _shard(p.weight, 0, mesh) for p in (attn.q_proj, attn.k_proj, attn.v_proj)
+        )
+        self.qkv_bias = attn.q_proj.bias is not None
+        self.bq, self.bk, self.bv = (
+            (_shard(p.bias, 0, mesh) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+            if self.qkv_bias
+            else (None, None, None)
+        )
+        self.wo = _shard(attn.o_proj.weight, 1, mesh)
+        self.bo = attn.o_proj.bias  # replicated: added once, after the shards' sum
+        self.w_gate, self.w_up = _shard(mlp.gate_proj.weight, 0, mesh), _shard(mlp.up_proj.weight, 0, mesh)
+        self.w_down = _shard(mlp.down_proj.weight, 1, mesh)
+
+    def qkv_packed(self) -> torch.Tensor:
+        """``[Wq_r; Wk_r; Wv_r]`` (bias as a last column): what one prefill broadcast moves."""
+        ws = [w.to_local() for w in (self.wq, self.wk, self.wv)]
+        if self.qkv_bias:
+            bs = [b.to_local() for b in (self.bq, self.bk, self.bv)]
+            ws = [torch.cat([w, b[:, None]], 1) for w, b in zip(ws, bs)]
+        return torch.cat(ws, 0)
+
+    def mlp_packed(self) -> torch.Tensor:
+        """``[gate_r, up_r, down_r^T]`` (each ``[I/D, H]``): what one MLP ring step moves."""
+        return torch.stack([self.w_gate.to_local(), self.w_up.to_local(), self.w_down.to_local().t()])
+
+
+class TSPCausalLM(nn.Module):
+    """A llama-family causal LM sharded for TSP; ``step`` is the runtime's step, ``forward`` gives all logits."""
+
+    def __init__(self, hf: nn.Module, ring: Ring, tree_opts: tuple[str, int, str] = ("tree", 1, "allreduce")):
+        super().__init__()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = next(hf.parameters()).device
+        mesh = init_device_mesh(device.type, (ring.world,))
+        self.config, self.generation_config = hf.config, getattr(hf, "generation_config", None)
+        self.ring, self.tree_opts = ring, tree_opts
+        base = hf.get_decoder()
+        emb, head = hf.get_input_embeddings().weight, hf.get_output_embeddings().weight
+        self.embed = _shard(emb, 0, mesh)
+        self.lm_head = self.embed if head is emb else _shard(head, 0, mesh)  # tied: one shard
+        self.vocab_start = ring.rank * (emb.shape[0] // ring.world)
+        self.norm, self.rotary_emb = base.norm, base.rotary_emb
+        self.act = base.layers[0].mlp.act_fn
+        self.layers = nn.ModuleList(TSPLayer(layer, mesh) for layer in base.layers)
+
+    # ---- prefill: tokens sharded --------------------------------------------------------------------
+
+    def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, cache, past: bool):
+        """Hidden states of this rank's tokens ``[B, n, H]`` and their indices in the (padded) chunk."""
+        ring = self.ring
+        d, t = ring.world, ids.shape[1]
+        pad = -(-t // (2 * d)) * (2 * d) - t
+        ids_p = F.pad(ids, (0, pad))
+        pos_p = F.pad(pos, (0, pad), value=NEVER)  # padding: never attended, never cached
+        idx = [zigzag(t + pad, d, j, ids.device) for j in range(d)]
+        mine = idx[ring.rank]
+        x = prefill_embed(ring, self.embed.to_local(), self.vocab_start, ids_p, idx)
+        kpos = pos_p[:, torch.cat(idx)]  # the gathered keys' order: rank 0's tokens, rank 1's, ...
+        lpos = pos_p[:, mine]
+        pad_q = lpos == NEVER
+        qpos = lpos.masked_fill(pad_q, NEVER - 1)  # a padding query sees the real keys: no empty softmax
+        cos, sin = self.rotary_emb(x, lpos.masked_fill(pad_q, 0))
+        past_kpos = None
+        if cache is not None and past:
+            past_kpos = torch.cat([cache.positions_of(j, ids.device) for j in range(d)])
+        for i, lay in enumerate(self.layers):
+            h = lay.input_layernorm(x)
+            x = x + prefill_attention(ring, lay, h, cos, sin, qpos, kpos, cache, i, past_kpos)
+            x = x + prefill_mlp(ring, lay, lay.post_attention_layernorm(x), self.act)
+        return x, mine, idx
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``[B, H]`` (replicated) -> full logits ``[B, V]`` from the vocab-sharded head (one all-gather)."""
+        local = F.linear(self.norm(h), self.lm_head.to_local())
+        return self.ring.gather(local).permute(1, 0, 2).reshape(h.shape[0], -1)
+
+    # ---- decode: weights stationary -----------------------------------------------------------------
+
+    def _decode(self, ids: torch.Tensor, pos: torch.Tensor, cache) -> torch.Tensor:
+        ring = self.ring
+        x = ring.all_reduce(embed_partial(ids, self.embed.to_local(), self.vocab_start))
+        cos, sin = self.rotary_emb(x, pos)
+        for i, lay in enumerate(self.layers):
+            x = x + decode_attention(
+                ring, lay, lay.input_layernorm(x), cos, sin, pos, cache, i, self.tree_opts
+            )
+            x = x + decode_mlp(ring, lay, lay.post_attention_layernorm(x), self.act)
+        return x[:, -1]
+
+    def step(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, cache, past: bool = False):
+        """The runtime's step: logits ``[B, V]`` (float32) after token ``last[b]`` of each row."""
+        if ids.shape[1] == 1 and cache is not None:
+            h = self._decode(ids, pos, cache)
+        else:
+            x, mine, _ = self._prefill(ids, pos, cache, past)
+            # [B, n]: 1 where this rank holds the row's last token
+            pick = (mine[None, :] == last[:, None]).to(x.dtype)
+            h = self.ring.all_reduce((x * pick[..., None]).sum(1))  # exactly one rank contributes each row
+        # a copy, not a view of the gathered logits: eager callers get a plain, waited-on tensor
+        return self._logits(h).to(torch.float32, copy=True)
+
+    def forward(self, input_ids, past_key_values=None, attention_mask=None, position_ids=None, **kwargs):
+        """Logits of every position (no cache): the reference path for tests and ``OptimizedModel(ids)``."""
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        if past_key_values is not None or attention_mask is not None:
+            raise ShardingError(
+                "parallel.mode 'tsp': run cached generation through generate(), not forward()"
+            )
+        b, t = input_ids.shape
+        pos = position_ids if position_ids is not None else torch.arange(t, device=input_ids.device)
+        x, _, idx = self._prefill(input_ids, pos.expand(b, t), None, False)
+        order = torch.cat(idx)
+        everyone = self.ring.gather(x).permute(1, 0, 2, 3).flatten(1, 2)  # [B, Tp, H] in gathered order
+        full = everyone[:, torch.argsort(order)][:, :t]
+        local = F.linear(self.norm(full), self.lm_head.to_local())  # [B, T, V/D]
+        logits = self.ring.gather(local).permute(1, 2, 0, 3).reshape(b, t, -1)
+        return CausalLMOutputWithPast(logits=logits)
+
+
+def tsp_passes(recipe):
+    """The recipe without passes TSP replaces or cannot run (with a note each), and tree-attention options."""
+    from zycompile.passes import get_pass_class
+
+    kept, notes, tree = [], [], ("tree", 1, "allreduce")
+    for spec in recipe.passes:
+        if spec.name == "tree_attention":
+            tree = (spec.options.impl, spec.options.num_splits, spec.options.merge)
+        if spec.name in ATTENTION_PASSES:
+            notes.append(
+                f"pass '{spec.name}' skipped under parallel.mode 'tsp' (TSP issues its own attention ops)"
+            )
+        elif get_pass_class(spec.name).relays_weights:
+            notes.append(
+                f"pass '{spec.name}' skipped under parallel.mode 'tsp' (it re-lays unsharded weights)"
+            )
+        else:
+            kept.append(spec)
+    for n in notes:
+        logging.getLogger("zycompile").warning(n)
+    return dataclasses.replace(recipe, passes=tuple(kept)), notes, tree
+
+
+def apply_tsp(model: nn.Module, degree: int, tree_opts=("tree", 1, "allreduce")) -> TSPCausalLM:
+    """Shard a HF llama-family model for TSP over the sequence group; the HF weights can be freed after."""
+    from zycompile.parallel.distributed import sequence_group
+
+    check_tsp(model.config, degree)
+    group = sequence_group()
+    ring = Ring(group.size(), group.rank(), group, group.group_name)
+    tsp = TSPCausalLM(model, ring, tree_opts)
+    tsp.eval()
+    return tsp
+
+
+def tsp_generator(optimized):
+    """The static-cache runtime for a TSP model: its step is ``TSPCausalLM.step`` (tokens split in prefill)."""
+    from zycompile.runtime.generate import Generator
+
+    class TSPGenerator(Generator):
+        # whether the prefill chunk being run has earlier chunks in the cache (a guard: 2 graphs)
+        past = False
+
+        def _step(self, input_ids, pos, last, rows=None):
+            self.cache.write_pos, self.cache.rows = pos, rows
+            return self.model.step(input_ids, pos, last, self.cache, self.past)
+
+        def prefill_chunk(self, rows, lens, start, count, cache_rows=None):
+            self.past = start > 0
+            try:
+                return super().prefill_chunk(rows, lens, start, count, cache_rows)
+            finally:
+                self.past = False
+
+    return TSPGenerator(optimized)
