@@ -596,9 +596,7 @@ def test_hash_of_explicit_defaults_equals_omitted(tmp_path):
     explicit = write(tmp_path, (RECIPES_DIR / "smollm2-135m.yaml").read_text(), "explicit.yaml")
     sparse = write(
         tmp_path,
-        "passes: [canonicalize_attention, weight_layout, fuse_projections]\n"
-        "lowering: {options: {post_grad_fusion_options: {decompose_mm_pass: {}}}}\n"
-        "runtime: {prefill: dynamic}\n",
+        "passes: [canonicalize_attention, fuse_projections, small_gemm]\nruntime: {prefill: dynamic}\n",
         "sparse.yaml",
     )
     assert load_recipe(explicit) == load_recipe(sparse)
