@@ -140,8 +140,7 @@ class Engine:
         if self.gen.speculator:
             return self._decode_speculative(reqs, bsz)
         ids = torch.zeros(bsz, 1, dtype=torch.long)
-        # Idle rows write at the last position, which no request reads before writing it itself.
-        pos = torch.full((bsz, 1), self.gen.max_seq_len - 1, dtype=torch.long)
+        pos = torch.tensor([[self._idle_pos(slot)] for slot in range(bsz)], dtype=torch.long)
         for r in reqs:
             ids[r.slot, 0] = r.next_token
             pos[r.slot, 0] = len(r.prompt) + len(r.output) - 1
@@ -155,6 +154,17 @@ class Engine:
         toks = sample(logits, params, gens).tolist()
         for r in reqs:
             self._emit(r, toks[r.slot])
+
+    def _idle_pos(self, slot: int) -> int:
+        """Where an idle row of the decode batch writes its (ignored) K/V: a position nobody reads first.
+
+        A free slot writes at 0 (its next request prefills from 0); a slot whose request is still
+        prefilling writes at the prompt's end, which its first decode step rewrites before reading. Both
+        keep the row's causal mask short, so CPU attention can skip the empty cache tail: an idle row at
+        the last position would make every row of the batch read all ``max_seq_len`` keys.
+        """
+        req = self.running.get(slot)
+        return 0 if req is None else min(len(req.prompt), self.gen.max_seq_len - 1)
 
     def _decode_speculative(self, reqs: list[Request], bsz: int) -> None:
         """One draft + verify round over the batch; each request keeps its own accepted length."""
