@@ -106,6 +106,7 @@ def test_generation_is_token_identical_with_static_and_dynamic_prefill(tmp_path)
 
 def test_auto_without_database_keeps_every_default(tmp_path, monkeypatch):
     monkeypatch.setenv("ZYCOMPILE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tdb, "SHIPPED_DIR", tmp_path / "shipped")  # none shipped for this device
     opt = zycompile.optimize(load_model("tiny:llama").model, recipe("auto"))
     with torch.no_grad():
         opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
@@ -122,6 +123,40 @@ def test_auto_finds_the_device_database(tmp_path, monkeypatch):
     with torch.no_grad():
         opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
     assert opt.compile_report().matches("tuned_gemm") == 8
+
+
+def test_auto_falls_back_to_the_shipped_database(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZYCOMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tdb, "SHIPPED_DIR", tmp_path / "shipped")
+    model = load_model("tiny:llama").model
+    path = forced_db(collect(recipe(), model), "onednn").save(tdb.shipped_path("cpu"))
+    opt = zycompile.optimize(model, recipe("auto"))
+    with torch.no_grad():
+        opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
+    rec = next(r for r in opt.compile_report().passes if r.name == "tuned_gemm")
+    assert rec.matches == 8 and f"database: {path}" in rec.notes
+
+
+def test_auto_skips_a_shipped_database_of_other_software(tmp_path, monkeypatch):
+    # Shipped for this CPU but another torch: not the user's file, so skipped (no error), defaults kept.
+    monkeypatch.setenv("ZYCOMPILE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tdb, "SHIPPED_DIR", tmp_path / "shipped")
+    model = load_model("tiny:llama").model
+    db = forced_db(collect(recipe(), model), "onednn")
+    db.validators["torch"] = "0.0.1"
+    db.save(tdb.shipped_path("cpu"))
+    opt = zycompile.optimize(model, recipe("auto"))
+    with torch.no_grad():
+        opt(input_ids=torch.ones(1, 16, dtype=torch.long), use_cache=False)
+    rec = next(r for r in opt.compile_report().passes if r.name == "tuned_gemm")
+    assert rec.matches == 0 and "no tuning database" in " ".join(rec.notes)
+
+
+def test_collection_skips_gemms_below_min_m():
+    model = load_model("tiny:llama").model
+    passes = ("canonicalize_attention", "fuse_projections", {"name": "tuned_gemm", "min_m": 2})
+    ms = {s.m for s in collect(recipe(passes=passes), model)}
+    assert 1 not in ms and {2, 16, 32} <= ms
 
 
 def test_foreign_database_is_rejected_before_tracing(tmp_path):

@@ -16,8 +16,9 @@ the default; a symbolic-length prefill graph uses the nearest tuned M of that we
 weight). Shapes not in the database keep the default and are counted ("not in database"). M = 1 GEMMs that
 Inductor's ``decompose_mm_pass`` turns into fused reductions are left to it.
 
-``db: auto`` reads $ZYCOMPILE_CACHE/tuning/<device>.yaml (no file: every GEMM keeps the default, with a
-warning); ``db: <path>`` a given file. A file made on another device or software version is an error
+``db: auto`` reads $ZYCOMPILE_CACHE/tuning/<device>.yaml, else the database shipped in
+``zycompile/tuning/shipped/`` for this device if its validators match (no file: every GEMM keeps the
+default, with a warning); ``db: <path>`` a given file. A file made on another device or software version is an error
 (raised by ``prepare``, before tracing), never silently used.
 """
 
@@ -45,20 +46,46 @@ _LOADED: dict[tuple[str, float], tdb.TuningDB] = {}
 
 
 def resolve_db(opts, device: torch.device) -> tdb.TuningDB | None:
-    """The checked database for ``opts.db`` on ``device``; None when ``auto`` finds no file."""
-    path = tdb.default_path(device) if opts.db == "auto" else Path(opts.db).expanduser()
-    if not path.exists():
-        if opts.db == "auto":
-            return None
-        raise TuningDBError(
-            f"{path}: no tuning database (create it with `zycompile tune --recipe R --out {path}`)"
-        )
+    """The checked database for ``opts.db`` on ``device``; None when ``auto`` finds no usable file."""
+    if opts.db == "auto":
+        path = tdb.default_path(device)
+        if not path.exists():
+            return _shipped_db(device)
+    else:
+        path = Path(opts.db).expanduser()
+        if not path.exists():
+            raise TuningDBError(
+                f"{path}: no tuning database (create it with `zycompile tune --recipe R --out {path}`)"
+            )
+    return _load_checked(path, device)
+
+
+def _load_checked(path: Path, device: torch.device) -> tdb.TuningDB:
     key = (str(path), path.stat().st_mtime)
     if key not in _LOADED:
         db = tdb.TuningDB.load(path)
         db.check(tdb.current_validators(device))
         _LOADED[key] = db
     return _LOADED[key]
+
+
+def _shipped_db(device: torch.device) -> tdb.TuningDB | None:
+    """The database shipped for this device, if its validators match this machine (else skipped)."""
+    path = tdb.shipped_path(device)
+    if not path.exists():
+        return None
+    try:
+        return _load_checked(path, device)
+    except TuningDBError as e:
+        log.info("shipped tuning database not used: %s", e)
+        return None
+
+
+def db_missing_note(device: torch.device) -> str:
+    return (
+        f"no tuning database at {tdb.default_path(device)} (and none shipped for this device and software): "
+        "every GEMM keeps the default; run `zycompile tune --recipe R` to make one"
+    )
 
 
 @register_pass
@@ -96,7 +123,7 @@ class TunedGemmPass(GraphPass):
         db = resolve_db(self.opts, device)
         notes: list[str] = []
         if db is None:
-            notes.append(f"no tuning database at {tdb.default_path(device)}: every GEMM keeps the default")
+            notes.append(db_missing_note(device))
         counts = dict(swapped=0, default_fastest=0, not_in_db=0, below_min_m=0, decompose_mm=0, untunable=0)
         used: dict[str, int] = {}
         missing: set[str] = set()
@@ -146,6 +173,8 @@ class TunedGemmPass(GraphPass):
             notes.insert(2, f"extra weight memory (prepacked/re-laid copies): {extra / 1e6:.1f} MB")
         if missing:
             notes.append("not in database: " + "; ".join(sorted(missing)[:8]))
+        if db is not None:
+            notes.append(f"database: {db.source}")
         self.ctx.state.setdefault("tuned_gemm", []).append(counts)
         if db is None or (counts["not_in_db"] and not counts["swapped"]):
             log.warning("tuned_gemm: graph %d: %s", self.ctx.graph_index, "; ".join(notes[:2]))

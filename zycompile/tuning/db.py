@@ -73,8 +73,18 @@ def cache_dir() -> Path:
 
 
 def default_path(device: torch.device | str = "cpu") -> Path:
-    """Where ``db: auto`` looks: $ZYCOMPILE_CACHE/tuning/<device key>.yaml."""
+    """Where ``db: auto`` looks first (and ``zycompile tune`` writes): $ZYCOMPILE_CACHE/tuning/<key>.yaml."""
     return cache_dir() / f"{device_key(current_validators(device))}.yaml"
+
+
+# Databases tuned by us on the machines we run (like vLLM's per-GPU kernel configs), used by
+# ``db: auto`` when the user has not tuned this device; a file whose validators (torch, MKL/oneDNN,
+# threads) differ from this machine's is skipped there, never used.
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_path(device: torch.device | str = "cpu") -> Path:
+    return SHIPPED_DIR / f"{device_key(current_validators(device))}.yaml"
 
 
 @dataclasses.dataclass

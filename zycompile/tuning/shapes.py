@@ -150,4 +150,6 @@ def collect(
             pos = torch.arange(t, device=gen.device).expand(b, t).contiguous()
             gen.step(ids, pos, torch.full((b,), t - 1, device=gen.device))
     torch._dynamo.reset()
-    return sorted(shapes)
+    # GEMMs the pass leaves alone (``min_m``: e.g. batch-1/2 GEMVs kept for ``small_gemm``) need no timing.
+    min_m = next((p.options.min_m for p in recipe.passes if p.name == "tuned_gemm"), 1)
+    return sorted(s for s in shapes if s.m >= min_m)
