@@ -20,7 +20,11 @@ of its tokens; decode: all heads of the new token), so only the projection row c
 intermediate size and the vocabulary must divide D. SmolLM2 (9 query / 3 KV heads of 64) therefore
 runs at D = 2, 3 and 4, where plain TP needs whole heads per rank (D = 3 only).
 
-Limits: llama-family decoders only (llama, mistral, qwen2, qwen3); no sliding-window masks, no MLP
+MoE layers (Qwen3-MoE): each rank holds E/D whole experts and the router replicated; in prefill the
+experts circulate around the ring like the dense MLP's shards, in decode they stay and one all-reduce
+sums the ranks' partials (``moe.py``).
+
+Limits: llama-family decoders only (llama, mistral, qwen2, qwen3, qwen3_moe); no sliding-window masks, no MLP
 biases; prefill chunks after the first (prompts longer than the largest prefill bucket) all-gather
 the cache slices (a full layer's KV cache, transiently); no speculative decoding or export.
 """
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zycompile.parallel.moe import decode_moe, is_moe, num_experts, prefill_moe
 from zycompile.parallel.tp import ShardingError, require_divisible
 from zycompile.parallel.tsp_layers import (
     NEVER,
@@ -47,7 +52,7 @@ from zycompile.parallel.tsp_layers import (
     zigzag,
 )
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 ATTENTION_PASSES = ("canonicalize_attention", "tree_attention")  # TSP issues its attention ops itself
 
 
@@ -63,16 +68,15 @@ def check_tsp(config, degree: int) -> None:
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    require_divisible(
-        text.model_type,
-        degree,
-        [
-            ("num_attention_heads x head_dim", heads * head_dim),
-            ("num_key_value_heads x head_dim", kv * head_dim),
-            ("intermediate_size", text.intermediate_size),
-            ("vocab_size", text.vocab_size),
-        ],
-    )
+    sizes = [
+        ("num_attention_heads x head_dim", heads * head_dim),
+        ("num_key_value_heads x head_dim", kv * head_dim),
+        ("intermediate_size", text.intermediate_size),
+        ("vocab_size", text.vocab_size),
+    ]
+    if num_experts(text):  # whole experts per rank
+        sizes.append(("num_experts", num_experts(text)))
+    require_divisible(text.model_type, degree, sizes)
 
 
 def _shard(t: torch.Tensor, dim: int, mesh) -> nn.Parameter:
@@ -103,6 +107,13 @@ class TSPLayer(nn.Module):
         )
         self.wo = _shard(attn.o_proj.weight, 1, mesh)
         self.bo = attn.o_proj.bias  # replicated: added once, after the shards' sum
+        self.moe = is_moe(mlp)
+        if self.moe:  # E/D whole experts; the router (E x H) replicated
+            self.router, self.act = mlp.gate, mlp.experts.act_fn
+            self.w_gate_up = _shard(mlp.experts.gate_up_proj, 0, mesh)
+            self.w_experts_down = _shard(mlp.experts.down_proj, 0, mesh)
+            return
+        self.act = mlp.act_fn
         self.w_gate, self.w_up = _shard(mlp.gate_proj.weight, 0, mesh), _shard(mlp.up_proj.weight, 0, mesh)
         self.w_down = _shard(mlp.down_proj.weight, 1, mesh)
 
@@ -136,7 +147,6 @@ class TSPCausalLM(nn.Module):
         self.lm_head = self.embed if head is emb else _shard(head, 0, mesh)  # tied: one shard
         self.vocab_start = ring.rank * (emb.shape[0] // ring.world)
         self.norm, self.rotary_emb = base.norm, base.rotary_emb
-        self.act = base.layers[0].mlp.act_fn
         self.layers = nn.ModuleList(TSPLayer(layer, mesh) for layer in base.layers)
 
     # ---- prefill: tokens sharded --------------------------------------------------------------------
@@ -162,7 +172,8 @@ class TSPCausalLM(nn.Module):
         for i, lay in enumerate(self.layers):
             h = lay.input_layernorm(x)
             x = x + prefill_attention(ring, lay, h, cos, sin, qpos, kpos, cache, i, past_kpos)
-            x = x + prefill_mlp(ring, lay, lay.post_attention_layernorm(x), self.act)
+            h = lay.post_attention_layernorm(x)
+            x = x + (prefill_moe(ring, lay, h) if lay.moe else prefill_mlp(ring, lay, h, lay.act))
         return x, mine, idx
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -180,7 +191,8 @@ class TSPCausalLM(nn.Module):
             x = x + decode_attention(
                 ring, lay, lay.input_layernorm(x), cos, sin, pos, cache, i, self.tree_opts
             )
-            x = x + decode_mlp(ring, lay, lay.post_attention_layernorm(x), self.act)
+            h = lay.post_attention_layernorm(x)
+            x = x + (decode_moe(ring, lay, h) if lay.moe else decode_mlp(ring, lay, h, lay.act))
         return x[:, -1]
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, cache, past: bool = False):
