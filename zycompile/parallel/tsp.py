@@ -79,12 +79,21 @@ def check_tsp(config, degree: int) -> None:
     require_divisible(text.model_type, degree, sizes)
 
 
-def _shard(t: torch.Tensor, dim: int, mesh) -> nn.Parameter:
-    """This rank's ``1/D`` slice of ``t`` along ``dim`` as a DTensor parameter (a copy: ``t`` can be freed)."""
+def _local(t: torch.Tensor, dim: int, mesh) -> torch.Tensor:
+    """This rank's ``1/D`` slice of ``t`` along ``dim`` (a view)."""
+    return t.detach().chunk(mesh.size(), dim=dim)[mesh.get_local_rank()]
+
+
+def _param(local: torch.Tensor, dim: int, mesh) -> nn.Parameter:
+    """``local`` as this rank's ``Shard(dim)`` of a DTensor parameter (no copy: views stay views)."""
     from torch.distributed.tensor import DTensor, Shard
 
-    local = t.detach().chunk(mesh.size(), dim=dim)[mesh.get_local_rank()].contiguous().clone()
     return nn.Parameter(DTensor.from_local(local, mesh, [Shard(dim)], run_check=False), requires_grad=False)
+
+
+def _shard(t: torch.Tensor, dim: int, mesh) -> nn.Parameter:
+    """This rank's ``1/D`` slice of ``t`` along ``dim`` as a DTensor parameter (a copy: ``t`` can be freed)."""
+    return _param(_local(t, dim, mesh).contiguous().clone(), dim, mesh)
 
 
 class TSPLayer(nn.Module):
@@ -96,14 +105,19 @@ class TSPLayer(nn.Module):
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.head_dim, self.scale = attn.head_dim, float(attn.scaling)
         self.q_rows, self.kv_rows = attn.q_proj.out_features, attn.k_proj.out_features
-        self.wq, self.wk, self.wv = (
-            _shard(p.weight, 0, mesh) for p in (attn.q_proj, attn.k_proj, attn.v_proj)
-        )
+        # Fused per shard: this rank's q/k/v rows lie back to back in one buffer (bias as a last
+        # column), the parameters are views of it. Prefill broadcasts it as is and applies each
+        # received shard as one GEMM; decode applies it as one GEMM: no per-step weight copies.
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
         self.qkv_bias = attn.q_proj.bias is not None
+        parts = [_local(p.weight, 0, mesh) for p in projs]
+        if self.qkv_bias:
+            parts = [torch.cat([w, _local(p.bias, 0, mesh)[:, None]], 1) for w, p in zip(parts, projs)]
+        self.register_buffer("qkv", torch.cat(parts), persistent=False)
+        parts = self.qkv.split([w.shape[0] for w in parts])
+        self.wq, self.wk, self.wv = (_param(w[:, :-1] if self.qkv_bias else w, 0, mesh) for w in parts)
         self.bq, self.bk, self.bv = (
-            (_shard(p.bias, 0, mesh) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-            if self.qkv_bias
-            else (None, None, None)
+            (_param(w[:, -1], 0, mesh) for w in parts) if self.qkv_bias else (None, None, None)
         )
         self.wo = _shard(attn.o_proj.weight, 1, mesh)
         self.bo = attn.o_proj.bias  # replicated: added once, after the shards' sum
@@ -114,20 +128,21 @@ class TSPLayer(nn.Module):
             self.w_experts_down = _shard(mlp.experts.down_proj, 0, mesh)
             return
         self.act = mlp.act_fn
-        self.w_gate, self.w_up = _shard(mlp.gate_proj.weight, 0, mesh), _shard(mlp.up_proj.weight, 0, mesh)
-        self.w_down = _shard(mlp.down_proj.weight, 1, mesh)
+        # [gate_r, up_r, down_r^T] (each [I/D, H]) in one buffer, the parameters views of it: what a
+        # prefill ring step moves, and gate/up applied as one GEMM (fused per shard)
+        gate, up = _local(mlp.gate_proj.weight, 0, mesh), _local(mlp.up_proj.weight, 0, mesh)
+        down = _local(mlp.down_proj.weight, 1, mesh)
+        self.register_buffer("mlp_buf", torch.stack([gate, up, down.t()]), persistent=False)
+        self.w_gate, self.w_up = _param(self.mlp_buf[0], 0, mesh), _param(self.mlp_buf[1], 0, mesh)
+        self.w_down = _param(self.mlp_buf[2].t(), 1, mesh)
 
     def qkv_packed(self) -> torch.Tensor:
         """``[Wq_r; Wk_r; Wv_r]`` (bias as a last column): what one prefill broadcast moves."""
-        ws = [w.to_local() for w in (self.wq, self.wk, self.wv)]
-        if self.qkv_bias:
-            bs = [b.to_local() for b in (self.bq, self.bk, self.bv)]
-            ws = [torch.cat([w, b[:, None]], 1) for w, b in zip(ws, bs)]
-        return torch.cat(ws, 0)
+        return self.qkv
 
     def mlp_packed(self) -> torch.Tensor:
         """``[gate_r, up_r, down_r^T]`` (each ``[I/D, H]``): what one MLP ring step moves."""
-        return torch.stack([self.w_gate.to_local(), self.w_up.to_local(), self.w_down.to_local().t()])
+        return self.mlp_buf
 
 
 class TSPCausalLM(nn.Module):
@@ -237,6 +252,11 @@ def tsp_passes(recipe):
         if spec.name in ATTENTION_PASSES:
             notes.append(
                 f"pass '{spec.name}' skipped under parallel.mode 'tsp' (TSP issues its own attention ops)"
+            )
+        elif spec.name == "fuse_projections":
+            notes.append(
+                "pass 'fuse_projections' skipped under parallel.mode 'tsp' (TSP's layers keep q/k/v and "
+                "gate/up packed per shard: one GEMM each already)"
             )
         elif get_pass_class(spec.name).relays_weights:
             notes.append(
