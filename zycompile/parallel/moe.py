@@ -28,7 +28,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch.distributed.tensor.parallel.style import ParallelStyle
 
 import zycompile.ops.grouped_mm  # noqa: F401  (registers zycompile::grouped_mm)
@@ -55,7 +54,8 @@ def expert_partial(x, idx, weights, gate_up, down, first: int, act) -> torch.Ten
     mine = (local >= 0) & (local < g)
     ids = torch.where(mine, local, g).reshape(-1)  # pairs of other groups sort last, past offs[-1]
     order = torch.argsort(ids, stable=True)
-    offs = F.one_hot(ids, g + 1)[:, :g].sum(0).cumsum(0)
+    counts = ids.new_zeros(g + 1).scatter_add_(0, ids, torch.ones_like(ids))  # pairs per expert
+    offs = counts[:g].cumsum(0)
     h = torch.ops.zycompile.grouped_mm(x[order // k], gate_up, offs)
     gate, up = h.chunk(2, dim=-1)
     y = torch.ops.zycompile.grouped_mm(act(gate) * up, down, offs)
