@@ -74,8 +74,8 @@ def main() -> None:
         "",
         f"`python bench/tp_generate.py` — {cpu_model()}, torch {torch.__version__}, gloo, 1 thread per rank, "
         f"aot_eager, fp32; {len(prompts)} ShareGPT prompts x {args.new_tokens} greedy tokens. **Greedy tokens "
-        "identical to one process on all 3 ranks (asserted).** weight_layout / fuse_projections are skipped "
-        "under TP (compile-report warning). Degrees 2 and 4 are refused: "
+        "identical to one process on all 3 ranks (asserted).** weight_layout is skipped under TP "
+        "(compile-report warning); fuse_projections fuses each rank's column shards. Degrees 2 and 4 are refused: "
         + " / ".join(f"`{r}`" for r in refusals),
         "",
         "| run | decode tok/s | weights MiB per rank | weights / one process | KV cache MiB per rank |",

@@ -94,7 +94,9 @@ def optimize(
             from zycompile.parallel.tp import apply_tp
 
             recipe, notes = _without_unsharded_passes(recipe)
-            apply_tp(model, recipe.parallel.degree, device.type, recipe.parallel.sequence_parallel)
+            par = recipe.parallel
+            fuse = any(spec.name == "fuse_projections" for spec in recipe.passes)  # fused per shard
+            apply_tp(model, par.degree, device.type, par.sequence_parallel, local_columns=fuse)
         elif recipe.parallel.mode == "tsp":
             from zycompile.parallel.tsp import apply_tsp, tsp_passes
 
@@ -113,13 +115,14 @@ def optimize(
 
 
 def _without_unsharded_passes(recipe: Recipe) -> tuple[Recipe, list[str]]:
-    """Drop passes that re-lay weights in place: under TP the weights are DTensor shards."""
+    """Drop passes that re-lay weights in place: under TP the weights are DTensor shards. Kept:
+    ``fuse_projections``, which fuses this rank's column shards (``apply_tp(local_columns=True)``)."""
     import dataclasses
     import logging
 
     kept, notes = [], []
     for spec in recipe.passes:
-        if get_pass_class(spec.name).relays_weights:
+        if get_pass_class(spec.name).relays_weights and spec.name != "fuse_projections":
             notes.append(
                 f"pass '{spec.name}' skipped under parallel.mode 'tp' (it re-lays unsharded weights)"
             )

@@ -19,7 +19,7 @@ from zycompile.models import (
 )
 from zycompile.models.bundled import MARKER, write_marker
 
-TINY = ["tiny:llama", "tiny:qwen3", "tiny:mistral", "tiny:qwen2"]
+TINY = ["tiny:llama", "tiny:qwen3", "tiny:mistral", "tiny:qwen2", "tiny:qwen3_moe"]
 SMOL = "smollm2-135m-instruct"
 
 
@@ -46,6 +46,13 @@ def test_tiny_loads_and_runs(name):
         logits = model(torch.tensor([[1, 5, 7, 9, 11]])).logits
     assert logits.shape == (1, 5, 512) and logits.dtype == torch.float32
     assert torch.isfinite(logits).all()
+
+
+def test_tiny_moe_has_routed_experts():
+    cfg = load_model("tiny:qwen3_moe?num_experts=4").model.config
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (4, 2, 32)
+    experts = load_model("tiny:qwen3_moe").model.model.layers[1].mlp.experts
+    assert experts.gate_up_proj.shape == (8, 64, 64) and experts.down_proj.shape == (8, 64, 32)
 
 
 def test_tiny_seed_is_deterministic():
@@ -117,7 +124,14 @@ def test_tiny_errors(source, fragments):
 
 
 def test_available_models():
-    assert available_models() == [SMOL, "tiny:llama", "tiny:mistral", "tiny:qwen2", "tiny:qwen3"]
+    assert available_models() == [
+        SMOL,
+        "tiny:llama",
+        "tiny:mistral",
+        "tiny:qwen2",
+        "tiny:qwen3",
+        "tiny:qwen3_moe",
+    ]
 
 
 def test_missing_path(tmp_path):

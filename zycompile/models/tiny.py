@@ -1,8 +1,8 @@
 """Tiny random-weight models for tests and smoke runs: `tiny:<arch>[?key=value&...]`.
 
-Same module structure as the real architectures (GQA attention, SwiGLU MLP, RMSNorm, RoPE) at a size
-that runs a forward pass in milliseconds on CPU, so passes and the runtime are tested on every family
-without downloading anything.
+Same module structure as the real architectures (GQA attention, SwiGLU MLP, RMSNorm, RoPE; Qwen3-MoE's
+routed experts) at a size that runs a forward pass in milliseconds on CPU, so passes and the runtime are
+tested on every family without downloading anything.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedModel,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 from zycompile.errors import ModelLoadError
@@ -30,6 +31,7 @@ TINY_CONFIGS: dict[str, type[PretrainedConfig]] = {
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "qwen3_moe": Qwen3MoeConfig,
 }
 
 # Shared by every architecture; a key the config class has no field for is dropped (Qwen2 has no
@@ -44,6 +46,12 @@ TINY_DEFAULTS: dict[str, Any] = {
     "head_dim": 16,
     "max_position_embeddings": 512,
     "tie_word_embeddings": False,
+}
+
+
+# Per-architecture additions: the MoE has 8 experts of 32 (top-2 routed), every layer sparse.
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
 }
 
 
@@ -105,6 +113,7 @@ def tiny_config(arch: str, overrides: dict[str, Any] | None = None) -> Pretraine
     config_cls = TINY_CONFIGS[arch]
     fields = _config_fields(config_cls)
     kwargs = {k: v for k, v in TINY_DEFAULTS.items() if k in fields}
+    kwargs.update(ARCH_DEFAULTS.get(arch, {}))
     kwargs.update(overrides or {})
     heads, kv_heads = kwargs.get("num_attention_heads"), kwargs.get("num_key_value_heads")
     # Checked here because the model would only fail later, deep inside a forward pass.

@@ -2,8 +2,10 @@
 
 Megatron-style: attention q/k/v column-wise (each rank owns whole heads), o row-wise (one
 all-reduce); MLP gate/up column-wise, down row-wise (one all-reduce); embeddings and LM head sharded
-on the vocabulary. Styles are names here so plans stay data; ``styles()`` turns them into
-``torch.distributed.tensor.parallel`` objects.
+on the vocabulary; MoE experts split whole across the ranks (expert parallel, see moe.py), their
+router replicated. Styles are names here so plans stay data; ``styles()`` turns them into
+``torch.distributed.tensor.parallel`` objects. A pattern may match nothing in a given model (a MoE
+model's dense MLP entries when every layer is sparse): ``tp.resolve_plan`` keeps what matches.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ _DENSE_DECODER = {
     "model.layers.*.mlp.down_proj": "rowwise",
     "lm_head": "vocab_head",
 }
+
+# Qwen3-MoE: attention as dense; sparse layers' experts expert-parallel (dense layers keep the MLP rows)
+_MOE_DECODER = {**_DENSE_DECODER, "model.layers.*.mlp.experts": "experts"}
 
 # Sequence parallelism (``parallel.sequence_parallel``) on top of the dense plan: the residual stream
 # and the norms are sharded on the sequence; the attention / MLP input is all-gathered once for
@@ -50,6 +55,7 @@ TP_PLANS: dict[str, dict[str, str]] = {
     "mistral": _DENSE_DECODER,
     "qwen2": _DENSE_DECODER,
     "qwen3": _DENSE_DECODER,
+    "qwen3_moe": _MOE_DECODER,
 }
 
 
@@ -57,10 +63,13 @@ def styles() -> dict[str, Any]:
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+    from zycompile.parallel.moe import ExpertParallel
+    from zycompile.parallel.tp import LocalColwise
     from zycompile.parallel.tp_sequence import GatherSequence, SeqNorm, SeqRowwise
 
     return {
         "colwise": ColwiseParallel(),
+        "colwise_local": LocalColwise(),  # plain local shard, for fuse_projections (tp.py)
         "rowwise": RowwiseParallel(),
         "vocab_embedding": RowwiseParallel(input_layouts=Replicate()),  # rows = vocabulary entries
         "vocab_head": ColwiseParallel(output_layouts=Replicate()),  # every rank gets full logits
@@ -70,4 +79,5 @@ def styles() -> dict[str, Any]:
         "seq_norm_gather": SeqNorm(gather=True),
         "gather_seq": GatherSequence(),
         "gather_seq_hidden_states": GatherSequence(kwarg="hidden_states"),
+        "experts": ExpertParallel(),
     }

@@ -20,7 +20,11 @@ of its tokens; decode: all heads of the new token), so only the projection row c
 intermediate size and the vocabulary must divide D. SmolLM2 (9 query / 3 KV heads of 64) therefore
 runs at D = 2, 3 and 4, where plain TP needs whole heads per rank (D = 3 only).
 
-Limits: llama-family decoders only (llama, mistral, qwen2, qwen3); no sliding-window masks, no MLP
+MoE layers (Qwen3-MoE): each rank holds E/D whole experts and the router replicated; in prefill the
+experts circulate around the ring like the dense MLP's shards, in decode they stay and one all-reduce
+sums the ranks' partials (``moe.py``).
+
+Limits: llama-family decoders only (llama, mistral, qwen2, qwen3, qwen3_moe); no sliding-window masks, no MLP
 biases; prefill chunks after the first (prompts longer than the largest prefill bucket) all-gather
 the cache slices (a full layer's KV cache, transiently); no speculative decoding or export.
 """
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zycompile.parallel.moe import decode_moe, is_moe, num_experts, prefill_moe
 from zycompile.parallel.tp import ShardingError, require_divisible
 from zycompile.parallel.tsp_layers import (
     NEVER,
@@ -47,7 +52,7 @@ from zycompile.parallel.tsp_layers import (
     zigzag,
 )
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
 ATTENTION_PASSES = ("canonicalize_attention", "tree_attention")  # TSP issues its attention ops itself
 
 
@@ -63,24 +68,32 @@ def check_tsp(config, degree: int) -> None:
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    require_divisible(
-        text.model_type,
-        degree,
-        [
-            ("num_attention_heads x head_dim", heads * head_dim),
-            ("num_key_value_heads x head_dim", kv * head_dim),
-            ("intermediate_size", text.intermediate_size),
-            ("vocab_size", text.vocab_size),
-        ],
-    )
+    sizes = [
+        ("num_attention_heads x head_dim", heads * head_dim),
+        ("num_key_value_heads x head_dim", kv * head_dim),
+        ("intermediate_size", text.intermediate_size),
+        ("vocab_size", text.vocab_size),
+    ]
+    if num_experts(text):  # whole experts per rank
+        sizes.append(("num_experts", num_experts(text)))
+    require_divisible(text.model_type, degree, sizes)
+
+
+def _local(t: torch.Tensor, dim: int, mesh) -> torch.Tensor:
+    """This rank's ``1/D`` slice of ``t`` along ``dim`` (a view)."""
+    return t.detach().chunk(mesh.size(), dim=dim)[mesh.get_local_rank()]
+
+
+def _param(local: torch.Tensor, dim: int, mesh) -> nn.Parameter:
+    """``local`` as this rank's ``Shard(dim)`` of a DTensor parameter (no copy: views stay views)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return nn.Parameter(DTensor.from_local(local, mesh, [Shard(dim)], run_check=False), requires_grad=False)
 
 
 def _shard(t: torch.Tensor, dim: int, mesh) -> nn.Parameter:
     """This rank's ``1/D`` slice of ``t`` along ``dim`` as a DTensor parameter (a copy: ``t`` can be freed)."""
-    from torch.distributed.tensor import DTensor, Shard
-
-    local = t.detach().chunk(mesh.size(), dim=dim)[mesh.get_local_rank()].contiguous().clone()
-    return nn.Parameter(DTensor.from_local(local, mesh, [Shard(dim)], run_check=False), requires_grad=False)
+    return _param(_local(t, dim, mesh).contiguous().clone(), dim, mesh)
 
 
 class TSPLayer(nn.Module):
@@ -92,31 +105,44 @@ class TSPLayer(nn.Module):
         self.q_norm, self.k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.head_dim, self.scale = attn.head_dim, float(attn.scaling)
         self.q_rows, self.kv_rows = attn.q_proj.out_features, attn.k_proj.out_features
-        self.wq, self.wk, self.wv = (
-            _shard(p.weight, 0, mesh) for p in (attn.q_proj, attn.k_proj, attn.v_proj)
-        )
+        # Fused per shard: this rank's q/k/v rows lie back to back in one buffer (bias as a last
+        # column), the parameters are views of it. Prefill broadcasts it as is and applies each
+        # received shard as one GEMM; decode applies it as one GEMM: no per-step weight copies.
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
         self.qkv_bias = attn.q_proj.bias is not None
+        parts = [_local(p.weight, 0, mesh) for p in projs]
+        if self.qkv_bias:
+            parts = [torch.cat([w, _local(p.bias, 0, mesh)[:, None]], 1) for w, p in zip(parts, projs)]
+        self.register_buffer("qkv", torch.cat(parts), persistent=False)
+        parts = self.qkv.split([w.shape[0] for w in parts])
+        self.wq, self.wk, self.wv = (_param(w[:, :-1] if self.qkv_bias else w, 0, mesh) for w in parts)
         self.bq, self.bk, self.bv = (
-            (_shard(p.bias, 0, mesh) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-            if self.qkv_bias
-            else (None, None, None)
+            (_param(w[:, -1], 0, mesh) for w in parts) if self.qkv_bias else (None, None, None)
         )
         self.wo = _shard(attn.o_proj.weight, 1, mesh)
         self.bo = attn.o_proj.bias  # replicated: added once, after the shards' sum
-        self.w_gate, self.w_up = _shard(mlp.gate_proj.weight, 0, mesh), _shard(mlp.up_proj.weight, 0, mesh)
-        self.w_down = _shard(mlp.down_proj.weight, 1, mesh)
+        self.moe = is_moe(mlp)
+        if self.moe:  # E/D whole experts; the router (E x H) replicated
+            self.router, self.act = mlp.gate, mlp.experts.act_fn
+            self.w_gate_up = _shard(mlp.experts.gate_up_proj, 0, mesh)
+            self.w_experts_down = _shard(mlp.experts.down_proj, 0, mesh)
+            return
+        self.act = mlp.act_fn
+        # [gate_r, up_r, down_r^T] (each [I/D, H]) in one buffer, the parameters views of it: what a
+        # prefill ring step moves, and gate/up applied as one GEMM (fused per shard)
+        gate, up = _local(mlp.gate_proj.weight, 0, mesh), _local(mlp.up_proj.weight, 0, mesh)
+        down = _local(mlp.down_proj.weight, 1, mesh)
+        self.register_buffer("mlp_buf", torch.stack([gate, up, down.t()]), persistent=False)
+        self.w_gate, self.w_up = _param(self.mlp_buf[0], 0, mesh), _param(self.mlp_buf[1], 0, mesh)
+        self.w_down = _param(self.mlp_buf[2].t(), 1, mesh)
 
     def qkv_packed(self) -> torch.Tensor:
         """``[Wq_r; Wk_r; Wv_r]`` (bias as a last column): what one prefill broadcast moves."""
-        ws = [w.to_local() for w in (self.wq, self.wk, self.wv)]
-        if self.qkv_bias:
-            bs = [b.to_local() for b in (self.bq, self.bk, self.bv)]
-            ws = [torch.cat([w, b[:, None]], 1) for w, b in zip(ws, bs)]
-        return torch.cat(ws, 0)
+        return self.qkv
 
     def mlp_packed(self) -> torch.Tensor:
         """``[gate_r, up_r, down_r^T]`` (each ``[I/D, H]``): what one MLP ring step moves."""
-        return torch.stack([self.w_gate.to_local(), self.w_up.to_local(), self.w_down.to_local().t()])
+        return self.mlp_buf
 
 
 class TSPCausalLM(nn.Module):
@@ -136,7 +162,6 @@ class TSPCausalLM(nn.Module):
         self.lm_head = self.embed if head is emb else _shard(head, 0, mesh)  # tied: one shard
         self.vocab_start = ring.rank * (emb.shape[0] // ring.world)
         self.norm, self.rotary_emb = base.norm, base.rotary_emb
-        self.act = base.layers[0].mlp.act_fn
         self.layers = nn.ModuleList(TSPLayer(layer, mesh) for layer in base.layers)
 
     # ---- prefill: tokens sharded --------------------------------------------------------------------
@@ -162,7 +187,8 @@ class TSPCausalLM(nn.Module):
         for i, lay in enumerate(self.layers):
             h = lay.input_layernorm(x)
             x = x + prefill_attention(ring, lay, h, cos, sin, qpos, kpos, cache, i, past_kpos)
-            x = x + prefill_mlp(ring, lay, lay.post_attention_layernorm(x), self.act)
+            h = lay.post_attention_layernorm(x)
+            x = x + (prefill_moe(ring, lay, h) if lay.moe else prefill_mlp(ring, lay, h, lay.act))
         return x, mine, idx
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -180,7 +206,8 @@ class TSPCausalLM(nn.Module):
             x = x + decode_attention(
                 ring, lay, lay.input_layernorm(x), cos, sin, pos, cache, i, self.tree_opts
             )
-            x = x + decode_mlp(ring, lay, lay.post_attention_layernorm(x), self.act)
+            h = lay.post_attention_layernorm(x)
+            x = x + (decode_moe(ring, lay, h) if lay.moe else decode_mlp(ring, lay, h, lay.act))
         return x[:, -1]
 
     def step(self, ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, cache, past: bool = False):
@@ -225,6 +252,11 @@ def tsp_passes(recipe):
         if spec.name in ATTENTION_PASSES:
             notes.append(
                 f"pass '{spec.name}' skipped under parallel.mode 'tsp' (TSP issues its own attention ops)"
+            )
+        elif spec.name == "fuse_projections":
+            notes.append(
+                "pass 'fuse_projections' skipped under parallel.mode 'tsp' (TSP's layers keep q/k/v and "
+                "gate/up packed per shard: one GEMM each already)"
             )
         elif get_pass_class(spec.name).relays_weights:
             notes.append(

@@ -7,19 +7,22 @@ so Dynamo captures the collectives in the step's graph and aot_eager / Inductor 
 Prefill, rank r of D, local tokens ``x [B, n, H]`` (zigzag chunks r and 2D-1-r, ``n = 2c``):
 
 - q/k/v: the packed ``[Wq_j; Wk_j; Wv_j]`` shard of rank j is broadcast (j = 0..D-1) and applied to
-  the local tokens: D broadcasts give every head for this rank's tokens (the next shard's broadcast
-  is issued before the current one is used, so it overlaps the GEMM).
+  the local tokens as one GEMM: D broadcasts give every head for this rank's tokens (the next shard's
+  broadcast is issued before the current one is used, so it overlaps the GEMM).
 - K/V of the chunk: one all-gather (keys in rank-major order, their positions computed locally);
   local queries attend causally by position. Chunks after the first (long prompts) all-gather the
   cache slices instead: the earlier positions live there.
 - o_proj: the ``Wo[:, cols_j]`` shards are broadcast likewise (D broadcasts).
 - MLP: ``(gate_j, up_j, down_j^T)`` travel around the ring, one point-to-point shift per step
   (``permute_tensor``, D-1 steps); each rank sums ``down_j(act(gate_j x) * up_j x)`` for its own
-  tokens. No all-reduce: the full sum is built where the tokens are.
+  tokens, gate/up as one GEMM. No all-reduce: the full sum is built where the tokens are.
 
 Decode (one token per row: fewer tokens than ranks) keeps the same shards stationary, TP-style:
-q/k/v column shards + one all-gather of the packed heads, tree attention over the sequence-sharded
-cache (2 all-reduces), o / down row shards + one all-reduce each.
+the packed q/k/v shard (one GEMM) + one all-gather of the heads, tree attention over the
+sequence-sharded cache (2 all-reduces), o / down row shards + one all-reduce each (gate/up one GEMM).
+
+The packed shards are TSPLayer's storage (the weight parameters are views of them): projections
+are fused per shard by construction, which is why the ``fuse_projections`` pass is not run here.
 """
 
 from __future__ import annotations
@@ -168,7 +171,8 @@ def prefill_mlp(ring: Ring, lay, x: torch.Tensor, act) -> torch.Tensor:
     cur, acc = lay.mlp_packed(), None
     for s in range(ring.world):
         nxt = ring.shift(cur) if s + 1 < ring.world else None  # next shard moves while this one computes
-        y = F.linear(act(F.linear(x, cur[0])) * F.linear(x, cur[1]), cur[2].t())
+        gate, up = F.linear(x, cur[:2].flatten(0, 1)).chunk(2, dim=-1)  # gate/up: one GEMM
+        y = F.linear(act(gate) * up, cur[2].t())
         acc = y if acc is None else acc + y
         cur = nxt
     return acc
@@ -191,11 +195,8 @@ def decode_attention(ring: Ring, lay, x, cos, sin, pos, cache, layer: int, tree_
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     b, t, _ = x.shape
-    loc = [
-        F.linear(x, w.to_local(), None if bias is None else bias.to_local())
-        for w, bias in ((lay.wq, lay.bq), (lay.wk, lay.bk), (lay.wv, lay.bv))
-    ]
-    g = ring.gather(torch.cat(loc, -1))  # [D, B, T, P]: every rank's slice of q, k and v
+    loc = _linear_packed(x, lay.qkv_packed(), lay.qkv_bias)  # this rank's q/k/v rows: one GEMM
+    g = ring.gather(loc)  # [D, B, T, P]: every rank's slice of q, k and v
     qd, kd = lay.q_rows // ring.world, lay.kv_rows // ring.world
     g = g.permute(1, 2, 0, 3)  # [B, T, D, P]
     q = heads(g[..., :qd].reshape(b, t, -1), lay.head_dim, lay.q_norm)
@@ -220,8 +221,9 @@ def decode_attention(ring: Ring, lay, x, cos, sin, pos, cache, layer: int, tree_
 
 
 def decode_mlp(ring: Ring, lay, x: torch.Tensor, act) -> torch.Tensor:
-    g, u, dn = lay.w_gate.to_local(), lay.w_up.to_local(), lay.w_down.to_local()
-    return ring.all_reduce(F.linear(act(F.linear(x, g)) * F.linear(x, u), dn))
+    w = lay.mlp_packed()
+    gate, up = F.linear(x, w[:2].flatten(0, 1)).chunk(2, dim=-1)  # gate/up: one GEMM
+    return ring.all_reduce(F.linear(act(gate) * up, w[2].t()))
 
 
 def never_like(t: torch.Tensor) -> torch.Tensor:
