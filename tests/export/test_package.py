@@ -20,9 +20,10 @@ FAST = [
     "runtime.prefill_buckets=[8, 32]",
     "runtime.batch_buckets=[1, 2]",
     # K-major weights (the LM head) and q/k/v views into one fused buffer: the package must rebuild those
-    # exact views; small_gemm rewrites the row-major decode GEMVs (the K-major head keeps its GEMM)
+    # exact views; small_gemm rewrites the row-major decode GEMVs (the K-major head keeps its GEMM);
+    # overlap_comm, a post-grad pass (nothing to match on one device), must report from inside AOTI
     "passes=[canonicalize_attention, {name: weight_layout, min_out_features: 256}, fuse_projections, "
-    "small_gemm]",
+    "small_gemm, overlap_comm]",
 ]
 FRESH = """
 import json, re, sys
@@ -82,6 +83,9 @@ def test_manifest_lists_the_recipe_passes_applied(package):
     # every linear but the K-major head, per decode graph; the dynamic-length prefill keeps its GEMMs
     assert got[("decode_b1", "small_gemm")] == got[("decode_b2", "small_gemm")] == 8
     assert got[("prefill", "small_gemm")] == 0
+    post = [r for r in m["passes"] if r["stage"] == "post_grad"]
+    assert {r["graph"] for r in post} == {"decode_b1", "decode_b2", "prefill"}  # the hook ran in AOTI
+    assert all(r["name"] == "overlap_comm" for r in post)
     head = next(r for r in m["passes"] if r["graph"] == "decode_b1" and r["name"] == "small_gemm")
     assert any("K-major" in n for n in head["notes"])
     assert m["pass_warnings"] == []

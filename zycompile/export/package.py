@@ -81,8 +81,6 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
     for index, (name, prog) in enumerate(programs.items()):
         say(f"{name}: applying the recipe's passes")
         applied = apply_passes(name, prog.ep, prog.args, prog.dynamic_shapes, recipe, index, pass_state, say)
-        pass_records += applied.records(name)
-        warnings += [f"{name}: {w}" for w in applied.warnings]
         ep = applied.ep
         say(f"compiling {name} with AOTInductor ({applied.summary()})")
         configs = {
@@ -90,11 +88,15 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
             **dict(opt.recipe.lowering.options),
             "post_grad_custom_post_pass": applied.post_hook,  # the recipe's post-grad passes, as live
         }
+        if applied.post_hook.manager:
+            configs["fx_graph_cache"] = False  # a cached graph skips the post-grad passes and their report
         t1 = time.perf_counter()
         torch._inductor.aoti_compile_and_package(
             ep, package_path=str(out / f"{name}.pt2"), inductor_configs=configs
         )
         graphs[name] = {"file": f"{name}.pt2", "compile_s": round(time.perf_counter() - t1, 1)}
+        pass_records += applied.records(name)  # after the compile: the post-grad passes ran inside it
+        warnings += [f"{name}: {w}" for w in applied.warnings]
         state = {**ep.state_dict, **ep.constants}
         for fqn in ep.graph_signature.parameters + ep.graph_signature.buffers:
             _add_constant(constants, fqn, state[fqn], name)
