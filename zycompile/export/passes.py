@@ -5,9 +5,12 @@ How: the pre-grad passes run on the program's unlifted module (``ep.module()``: 
 result; post-grad passes go in as Inductor's ``post_grad_custom_post_pass``, as in the live lowering.
 
 Why this way, of the three ways to get the passes into AOTInductor:
-- Inductor's ``pre_grad_custom_pass`` does not run in AOTInductor, and its post-grad hooks see a
-  decomposed, functional graph (``mm``/``addmm`` of permuted weights, SDPA already lowered): each pass
-  would need a second implementation for that IR.
+- As Inductor config hooks: its post-grad hooks see a decomposed, functional graph (``mm``/``addmm`` of
+  permuted weights, SDPA already lowered), so each pass would need a second implementation for that IR.
+  ``pre_grad_custom_pass`` does run inside AOTInductor in torch 2.13 (on the same ATen graph; older
+  releases skipped it), but a constant a pass adds there (fuse_projections' fused buffer) exists only
+  in AOTInductor's private copy of the module: the package writer, which saves every constant once in
+  ``weights.safetensors`` and hands them to the graphs at load, would never see it.
 - Module rewrites before export cannot fuse three separate ``q_proj/k_proj/v_proj`` calls written in
   the model's code, nor swap its attention call, without patching each architecture.
 - torch.export (non-strict) keeps ``aten.linear`` and ``aten.scaled_dot_product_attention`` whole, so
