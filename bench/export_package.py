@@ -3,7 +3,9 @@
 Builds the package from the default recipe (decode graph per batch bucket, one dynamic prefill
 graph), then a separate Python process that imports no transformers model code loads it and
 generates greedily on 5 ShareGPT prompts; asserts the tokens equal the optimized model's and
-reports decode tok/s of both. Appends a table to bench/RESULTS.md.
+reports decode tok/s of both, measured in this one run (the live model in this process, the package
+in the fresh one, same prompts). The package's graphs carry the recipe's passes; the table lists
+what each pass matched per graph, from the manifest. Appends a table to bench/RESULTS.md.
 
     python bench/export_package.py                          # batch buckets [1, 2, 4, 8]
     python bench/export_package.py --set runtime.batch_buckets=[1] --no-append
@@ -99,6 +101,13 @@ def main() -> None:
         f"| {mib(sizes['weights.safetensors'])} | {mib(graphs)} | {mib(sum(sizes.values()))} "
         f"| {got['load_s']:.1f} | {got['tok_s']:.1f} | {live_tps:.1f} |",
     ]
+    per_pass: dict[str, list[str]] = {}
+    for r in manifest["passes"]:
+        per_pass.setdefault(r["name"], []).append(str(r["matches"]))
+    done = "; ".join(f"{name} {'/'.join(n)}" for name, n in per_pass.items()) or "none"
+    lines += ["", f"Passes in the package, matches per graph ({'/'.join(manifest['graphs'])}): {done}."]
+    if manifest["pass_warnings"]:
+        lines += ["", "Export fallbacks: " + "; ".join(manifest["pass_warnings"])]
     publish(lines, None if args.no_append else RESULTS)
 
 

@@ -19,8 +19,11 @@ FAST = [
     "runtime.max_seq_len=96",
     "runtime.prefill_buckets=[8, 32]",
     "runtime.batch_buckets=[1, 2]",
-    # K-major weights and q/k/v views into one fused buffer: the package must rebuild those exact views
-    "passes=[canonicalize_attention, weight_layout, fuse_projections]",
+    # K-major weights (the LM head) and q/k/v views into one fused buffer: the package must rebuild those
+    # exact views; small_gemm rewrites the row-major decode GEMVs (the K-major head keeps its GEMM);
+    # overlap_comm, a post-grad pass (nothing to match on one device), must report from inside AOTI
+    "passes=[canonicalize_attention, {name: weight_layout, min_out_features: 256}, fuse_projections, "
+    "small_gemm, overlap_comm]",
 ]
 FRESH = """
 import json, re, sys
@@ -67,6 +70,27 @@ def test_layout_and_manifest(package):
     # weights live once, beside the graphs: no .pt2 carries a copy of them
     weights = m["bytes"]["weights.safetensors"]
     assert all(m["bytes"][g["file"]] < weights + 2_500_000 for g in m["graphs"].values())
+
+
+def test_manifest_lists_the_recipe_passes_applied(package):
+    pkg, _ = package
+    m = read_manifest(pkg)
+    got = {(r["graph"], r["name"]): r["matches"] for r in m["passes"]}
+    for graph in ("decode_b1", "decode_b2", "prefill"):
+        assert got[(graph, "canonicalize_attention")] == 2  # one attention per layer
+        assert got[(graph, "fuse_projections")] == 4  # q/k/v and gate/up per layer
+        assert got[(graph, "weight_layout")] == 1  # the K-major LM head reached the graph
+    # every linear but the K-major head, per decode graph; the dynamic-length prefill keeps its GEMMs
+    assert got[("decode_b1", "small_gemm")] == got[("decode_b2", "small_gemm")] == 8
+    assert got[("prefill", "small_gemm")] == 0
+    post = [r for r in m["passes"] if r["stage"] == "post_grad"]
+    assert {r["graph"] for r in post} == {"decode_b1", "decode_b2", "prefill"}  # the hook ran in AOTI
+    assert all(r["name"] == "overlap_comm" for r in post)
+    head = next(r for r in m["passes"] if r["graph"] == "decode_b1" and r["name"] == "small_gemm")
+    assert any("K-major" in n for n in head["notes"])
+    assert m["pass_warnings"] == []
+    # the graphs read the fused buffers (views of the q/k/v storage), not the separate weights
+    assert any(n.startswith("_zy_fused_") for n in m["weights"])
 
 
 def _copy(package, tmp_path):

@@ -10,6 +10,10 @@ Layout of ``DIR``::
     prefill.pt2            dynamic batch and length
     tokenizer/             the tokenizer's files, when the model has one
 
+Each graph is the recipe's compiled model, not the raw step: the recipe's passes run on the exported
+program before AOTInductor compiles it (``export/passes.py``); the manifest's ``passes`` lists each
+pass per graph with its match count and notes, ``pass_warnings`` what could not apply and why.
+
 The .pt2 files are built with ``aot_inductor.package_constants_in_so = False``: weights live once, in
 the safetensors file, and the loader hands the same tensors to every graph (``load_constants``).
 """
@@ -55,6 +59,7 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
     """Export ``opt`` (an OptimizedModel) to ``out_dir``; returns the manifest path."""
     from safetensors.torch import save_file
 
+    from zycompile.export.passes import apply_passes, exportable
     from zycompile.export.step_module import CACHE_K, CACHE_V, KEY_POS, export_programs
 
     say = progress or (lambda _msg: None)
@@ -68,18 +73,33 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
     t0 = time.perf_counter()
     say("exporting graphs (torch.export)")
     programs = export_programs(gen)
-    graphs, constants = {}, {}
-    configs = {"aot_inductor.package_constants_in_so": False, **dict(opt.recipe.lowering.options)}
-    for name, ep in programs.items():
-        say(f"compiling {name} with AOTInductor")
+    graphs, constants, pass_records = {}, {}, []
+    recipe, warnings = exportable(opt.recipe)
+    for msg in warnings:
+        say(msg)
+    pass_state: dict[str, Any] = {}  # shared by the graphs of one export, as ZyBackend.state is
+    for index, (name, prog) in enumerate(programs.items()):
+        say(f"{name}: applying the recipe's passes")
+        applied = apply_passes(name, prog.ep, prog.args, prog.dynamic_shapes, recipe, index, pass_state, say)
+        ep = applied.ep
+        say(f"compiling {name} with AOTInductor ({applied.summary()})")
+        configs = {
+            "aot_inductor.package_constants_in_so": False,
+            **dict(opt.recipe.lowering.options),
+            "post_grad_custom_post_pass": applied.post_hook,  # the recipe's post-grad passes, as live
+        }
+        if applied.post_hook.manager:
+            configs["fx_graph_cache"] = False  # a cached graph skips the post-grad passes and their report
         t1 = time.perf_counter()
         torch._inductor.aoti_compile_and_package(
             ep, package_path=str(out / f"{name}.pt2"), inductor_configs=configs
         )
         graphs[name] = {"file": f"{name}.pt2", "compile_s": round(time.perf_counter() - t1, 1)}
+        pass_records += applied.records(name)  # after the compile: the post-grad passes ran inside it
+        warnings += [f"{name}: {w}" for w in applied.warnings]
         state = {**ep.state_dict, **ep.constants}
         for fqn in ep.graph_signature.parameters + ep.graph_signature.buffers:
-            constants[fqn] = state[fqn]
+            _add_constant(constants, fqn, state[fqn], name)
     cache_names = {CACHE_K.format(i) for i in range(len(gen.cache.keys))}
     cache_names |= {CACHE_V.format(i) for i in range(len(gen.cache.keys))} | {KEY_POS}
     spans, views = _by_storage({k: v for k, v in constants.items() if k not in cache_names})
@@ -109,6 +129,9 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
             "dtype": str(gen.cache.keys[0].dtype).removeprefix("torch."),
         },
         "graphs": graphs,
+        # what the live compile report says, per exported graph: every pass run, its match count and notes
+        "passes": pass_records,
+        "pass_warnings": warnings,
         "weights": views,
         "build_s": round(time.perf_counter() - t0, 1),
     }
@@ -118,6 +141,22 @@ def write_package(opt, out_dir: str | Path, progress=None) -> Path:
     path = out / MANIFEST
     path.write_text(json.dumps(manifest, indent=2))
     return path
+
+
+def _add_constant(constants: dict[str, torch.Tensor], fqn: str, t: torch.Tensor, graph: str) -> None:
+    """Every graph reads one ``weights.safetensors``: a name two graphs use must be the same tensor view."""
+    seen = constants.setdefault(fqn, t)
+    same = (seen.untyped_storage().data_ptr(), seen.storage_offset(), seen.shape, seen.stride()) == (
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        t.shape,
+        t.stride(),
+    )
+    if not same:
+        raise PackageError(
+            f"export: graph {graph} names constant '{fqn}' for another tensor than an earlier graph; "
+            "the graphs cannot share one weights file"
+        )
 
 
 def _by_storage(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+import zycompile.ops  # noqa: F401  (the graphs call zycompile:: custom ops, e.g. attention, by name)
 from zycompile.errors import GenerationError
 from zycompile.export.package import MANIFEST, PackageError, read_manifest, rebuild_views
 from zycompile.export.step_module import CACHE_K, CACHE_V, KEY_POS
@@ -121,4 +122,12 @@ def load(path: str | Path, device: str | torch.device | None = None) -> LoadedMo
 def describe(path: str | Path) -> str:
     m = json.loads((Path(path) / MANIFEST).read_text())
     size = sum(m["bytes"].values()) / 2**20
-    return f"{m['model']['source']} ({m['model']['dtype']}), {len(m['graphs'])} graphs, {size:.1f} MiB, built in {m['build_s']}s"
+    counts: dict[str, int] = {}
+    for r in m.get("passes", []):
+        if r["stage"] == "pre_grad":
+            counts[r["name"]] = counts.get(r["name"], 0) + r["matches"]
+    passes = ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none"
+    return (
+        f"{m['model']['source']} ({m['model']['dtype']}), {len(m['graphs'])} graphs, {size:.1f} MiB, "
+        f"built in {m['build_s']}s; passes: {passes}"
+    )

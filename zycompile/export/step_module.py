@@ -10,6 +10,7 @@ AOTInductor package applies to the cache tensors the loader hands it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch.export import Dim
@@ -46,7 +47,16 @@ def _restore_cache(cache):
         cache.keys, cache.values, cache.key_positions = saved
 
 
-def export_programs(gen) -> dict[str, torch.export.ExportedProgram]:
+@dataclasses.dataclass
+class Program:
+    """One exported step and what it was exported from (the recipe's passes export it again)."""
+
+    ep: torch.export.ExportedProgram
+    args: tuple
+    dynamic_shapes: dict | None = None
+
+
+def export_programs(gen) -> dict[str, Program]:
     """``decode_b{B}`` per batch bucket (static shapes) and ``prefill`` (dynamic batch and length)."""
     module = StepModule(gen).eval()
     dev = gen.device
@@ -55,7 +65,7 @@ def export_programs(gen) -> dict[str, torch.export.ExportedProgram]:
         for b in gen.batch_buckets:
             ids = torch.ones(b, 1, dtype=torch.long, device=dev)
             args = (ids, torch.ones_like(ids), torch.zeros(b, dtype=torch.long, device=dev))
-            programs[f"decode_b{b}"] = torch.export.export(module, args, strict=False)
+            programs[f"decode_b{b}"] = Program(torch.export.export(module, args, strict=False), args)
         chunk = gen.prefill_buckets[-1]
         top = gen.batch_buckets[-1]
         b, t = min(2, top), min(4, chunk)
@@ -68,5 +78,6 @@ def export_programs(gen) -> dict[str, torch.export.ExportedProgram]:
         batch = Dim("batch", min=1, max=top) if top > 1 else Dim.STATIC
         length = Dim("length", min=2, max=chunk)
         shapes = {"input_ids": {0: batch, 1: length}, "pos": {0: batch, 1: length}, "last": {0: batch}}
-        programs["prefill"] = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        programs["prefill"] = Program(ep, args, shapes)
     return programs

@@ -24,6 +24,11 @@ class PostGradHook(CustomGraphPass):
     def uuid(self) -> Any:
         return self.manager.uuid()
 
+    def __deepcopy__(self, memo) -> PostGradHook:
+        # AOTInductor deep-copies its config patches: a copy would report into a copied report (lost)
+        # and copy the recipe, example inputs and shared pass state. The hook is shared, never copied.
+        return self
+
 
 def inductor_patches(
     lowering, post: PassManager, graph_options: dict[str, Any] | None = None

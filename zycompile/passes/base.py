@@ -53,6 +53,9 @@ class GraphPass:
     expect_matches: ClassVar[bool] = True
     # Whether ``prepare`` re-lays parameters in place (not possible on DTensor shards under TP).
     relays_weights: ClassVar[bool] = False
+    # Why the pass cannot run in an exported package (e.g. it reads state kept in this process); the
+    # export skips it and says so in the manifest. None: it runs in export as in the live compile.
+    export_note: ClassVar[str | None] = None
 
     def __init__(self, opts: Any, ctx: PassContext):
         self.opts = opts

@@ -16,6 +16,10 @@ After (both)::
 
     out = torch.ops.zycompile.attention.default(q, keys, values, mask, 0.25, False)
 
+The same forms as torch.export records them (``aten.scaled_dot_product_attention``, repeat_kv as
+``aten.unsqueeze → aten.expand → aten.reshape``) are matched too; the eager form is matched only as
+Dynamo records it (an exported eager-attention model keeps its math, and the pass says it matched nothing).
+
 Invariants: repeat_kv copies are dropped (the op does GQA itself); nothing is rewritten unless the
 result is the same math: dropout must be a no-op, softmax over the last dim, intermediates read by
 nothing else, ``is_causal`` only where Tq == Tk is proven by the recorded shapes.
@@ -32,9 +36,16 @@ import torch.nn.functional as F
 import zycompile.ops  # noqa: F401  (registers zycompile::attention)
 from zycompile.passes import register_pass
 from zycompile.passes.base import GraphPass, PassResult, arg, is_call, is_method, meta_val, only_user
-from zycompile.passes.fx_util import erase_if_dead, propagate_meta
+from zycompile.passes.fx_util import (
+    EXPAND,
+    REPEAT_INTERLEAVE,
+    RESHAPE,
+    SDPA,
+    UNSQUEEZE,
+    erase_if_dead,
+    propagate_meta,
+)
 
-SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 MATMUL = (torch.matmul, operator.matmul)
 SOFTMAX = (F.softmax, torch.softmax)
 ATTENTION_OP = torch.ops.zycompile.attention.default
@@ -192,15 +203,15 @@ def _unrepeat(node):
     """``repeat_kv(x, n)`` (getitem None → expand → reshape) or ``repeat_interleave(x, n, dim=1)`` → x."""
     if not isinstance(node, torch.fx.Node):
         return node
-    if is_method(node, "reshape", "view") or is_call(node, torch.reshape):
+    if is_method(node, "reshape", "view") or is_call(node, *RESHAPE):
         expand = node.args[0]
-        if not is_method(expand, "expand"):
+        if not (is_method(expand, "expand") or is_call(expand, *EXPAND)):
             return node
         unsq = expand.args[0]
         full = slice(None, None, None)
         if is_call(unsq, operator.getitem) and unsq.args[1] == (full, full, None, full, full):
             src = unsq.args[0]
-        elif is_method(unsq, "unsqueeze") and unsq.args[1] == 2:
+        elif (is_method(unsq, "unsqueeze") or is_call(unsq, *UNSQUEEZE)) and unsq.args[1] == 2:
             src = unsq.args[0]
         else:
             return node
@@ -210,7 +221,7 @@ def _unrepeat(node):
         if ov.shape[1] % sv.shape[1] or (ov.shape[0], ov.shape[2:]) != (sv.shape[0], sv.shape[2:]):
             return node
         return src
-    if (is_call(node, torch.repeat_interleave) or is_method(node, "repeat_interleave")) and arg(
+    if (is_call(node, *REPEAT_INTERLEAVE) or is_method(node, "repeat_interleave")) and arg(
         node, 2, "dim"
     ) in (1, -3):
         return node.args[0]

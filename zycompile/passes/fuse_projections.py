@@ -32,9 +32,8 @@ import torch.nn.functional as F
 
 from zycompile.passes import register_pass
 from zycompile.passes.base import GraphPass, PassResult
-from zycompile.passes.fx_util import fake_of, propagate_meta
+from zycompile.passes.fx_util import LINEAR, fake_of, propagate_meta
 
-LINEAR = (F.linear, torch._C._nn.linear)
 log = logging.getLogger("zycompile")
 
 

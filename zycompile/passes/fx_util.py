@@ -1,4 +1,4 @@
-"""Graph surgery helpers: fake-tensor metadata for new nodes, dead-node cleanup."""
+"""Graph surgery helpers: op spellings (torch-level and ATen), fake-tensor metadata for new nodes, cleanup."""
 
 from __future__ import annotations
 
@@ -6,10 +6,27 @@ from collections.abc import Iterable
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_leaves, tree_map
 
 from zycompile.passes.base import meta_val
+
+aten = torch.ops.aten
+
+# Each op as Dynamo records it (the torch-level call) and as torch.export records it (the ATen
+# overload): the same pass runs on the live backend's graphs and on an exported program's graph
+# (zycompile/export/passes.py), so a pass matches on these tuples, never on one spelling.
+LINEAR = (F.linear, torch._C._nn.linear, aten.linear.default)
+SDPA = (
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+    aten.scaled_dot_product_attention.default,
+)
+RESHAPE = (torch.reshape, aten.reshape.default, aten.view.default)  # plus the methods reshape / view
+EXPAND = (aten.expand.default,)  # plus the method expand
+UNSQUEEZE = (torch.unsqueeze, aten.unsqueeze.default)  # plus the method unsqueeze
+REPEAT_INTERLEAVE = (torch.repeat_interleave, aten.repeat_interleave.self_int)
 
 
 def _fake_mode(vals):
@@ -55,7 +72,13 @@ def erase_if_dead(nodes: Iterable[torch.fx.Node]) -> None:
     work = [n for n in nodes if isinstance(n, torch.fx.Node)]
     while work:
         node = work.pop()
-        if node.op not in ("call_function", "call_method") or node.users or node.is_impure():
+        # impure_random=False: ATen SDPA / dropout are tagged random (their dropout draws); one a pass
+        # replaced is dead, and keeping it would still run it.
+        if (
+            node.op not in ("call_function", "call_method")
+            or node.users
+            or node.is_impure(impure_random=False)
+        ):
             continue
         if getattr(node, "_erased", False):
             continue

@@ -28,19 +28,17 @@ from typing import Literal
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 
 import zycompile.ops.tree_attention  # noqa: F401  (registers the ops)
 from zycompile.errors import ZyError
 from zycompile.passes import register_pass
 from zycompile.passes.base import GraphPass, PassResult, is_call
-from zycompile.passes.fx_util import propagate_meta
+from zycompile.passes.fx_util import SDPA, propagate_meta
 
 ATTENTION = torch.ops.zycompile.attention.default
 SPLIT_KV = torch.ops.zycompile.split_kv_attention.default
 TREE = torch.ops.zycompile.tree_attention.default
 RING = torch.ops.zycompile.ring_attention.default
-SDPA = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
 @dataclasses.dataclass(frozen=True)

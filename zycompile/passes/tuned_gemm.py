@@ -95,6 +95,10 @@ class TunedGemmPass(GraphPass):
     # Keeping the default everywhere is a valid outcome (it was fastest); no-database and
     # not-in-database counts are logged as a warning and kept in the notes instead.
     expect_matches = False
+    export_note = (
+        "zycompile::tuned_linear reads weight plans (prepacked copies) kept in this process, "
+        "which a package cannot carry; its GEMMs keep Inductor's default"
+    )
 
     @dataclasses.dataclass(frozen=True)
     class Options:
