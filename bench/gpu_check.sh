@@ -11,6 +11,10 @@ cp bench/RESULTS.md "$OUT/RESULTS.before.md"
 timeout 300 python bench/split_kv_gpu.py 2>&1 | tee "$OUT/split_kv_gpu.txt"
 # decode with CUDA graphs off vs on, 1B-class bf16, batch 1 and 8, next to HF static+compile
 timeout 400 python bench/graphs_gpu.py 2>&1 | tail -15 | tee "$OUT/graphs_gpu.txt"
+# GEMM tuning on the GPU: Triton tile/split-K sweep vs cuBLAS, 1B-class bf16 config, per shape and end to end
+timeout 500 python bench/gemm_tuning.py --device cuda --repeats 3 --set model.dtype=bfloat16 \
+  --set "model.source=tiny:llama?hidden_size=2048&intermediate_size=5632&num_hidden_layers=22&num_attention_heads=32&num_key_value_heads=4&head_dim=64&vocab_size=32000" \
+  2>&1 | tail -25 | tee "$OUT/gemm_tuning_gpu.txt"
 # GPU-sensitive tests (each module skips what needs a missing package)
 timeout 600 python -m pytest -q -x tests/ops -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/tests_ops.txt"
 diff bench/RESULTS.md "$OUT/RESULTS.before.md" > "$OUT/RESULTS.added.diff"

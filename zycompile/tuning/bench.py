@@ -114,6 +114,12 @@ def wait_quiet(max_s: float) -> bool:
     return True
 
 
+def sync(x: torch.Tensor) -> None:
+    """GPU kernels are asynchronous: time a call from an idle device to its finished result."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+
+
 def _round(c: Candidate, states, buffers, cfg: BenchConfig) -> tuple[float, float]:
     """One round: (median, fastest) call time in ms, rotating over the buffer sets."""
     ROUNDS["all"] += 1
@@ -123,21 +129,23 @@ def _round(c: Candidate, states, buffers, cfg: BenchConfig) -> tuple[float, floa
     while len(times) < cfg.max_iters and (len(times) < cfg.min_iters or time.perf_counter() < end):
         x, _, b = buffers[i % len(buffers)]
         s = states[i % len(buffers)]
+        sync(x)
         t0 = time.perf_counter()
         c.run(x, s, b)
+        sync(x)
         times.append(time.perf_counter() - t0)
         i += 1
     return statistics.median(times) * 1e3, min(times) * 1e3
 
 
 def time_candidates(
-    shape: GemmShape, cands: list[Candidate], cfg: BenchConfig = DEFAULT_BENCH, weight=None
+    shape: GemmShape, cands: list[Candidate], cfg: BenchConfig = DEFAULT_BENCH, weight=None, device="cpu"
 ) -> list[Timing]:
     """Median-of-round times (ms) for each candidate on ``shape``; the default is ``cands[0]``."""
     if not cands or cands[0].name != DEFAULT:
         raise ValueError("the default candidate must come first")
     dtype = getattr(torch, shape.dtype)
-    buffers = make_buffers(shape, weight, cfg)
+    buffers = make_buffers(shape, weight, cfg, device)
     ref = cands[0].run(buffers[0][0], buffers[0][1], buffers[0][2])
     live: dict[str, tuple[Candidate, list]] = {}
     out: dict[str, Timing] = {}

@@ -8,8 +8,9 @@ A candidate is a name plus two functions: ``prepare(w, m)`` builds what it needs
 CPU candidates (fp32/bf16): ``aten_relayout`` (the other weight layout, row-major vs K-major),
 ``mkl_packed`` (MKL's packed GEMM, as Inductor's freezing path uses; fp32 only), ``onednn`` (oneDNN
 inner product on the plain weight) and ``onednn_packed`` (oneDNN on a weight reordered to its blocked
-format once). GPU candidates (cuBLAS/hipBLASLt algorithms, Triton tile sweeps) are not written yet:
-on CUDA/ROCm only ``aten`` exists, so tuning keeps the default everywhere.
+format once). GPU candidates (CUDA/ROCm): ``aten`` (cuBLAS/hipBLASLt through ``F.linear``) against a
+sweep of Triton tile configs ``triton_<BM>x<BN>x<BK>_s<SPLIT_K>`` (``ops/triton_matmul.py``), split-K
+ones for skinny decode GEMMs.
 """
 
 from __future__ import annotations
@@ -93,6 +94,39 @@ CANDIDATES: dict[str, Candidate] = {
         ),
     ]
 }
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K): small-M tiles with split-K for decode, square tiles for prefill.
+TRITON_CONFIGS = [
+    (16, 64, 64, 1),
+    (16, 128, 64, 1),
+    (16, 64, 128, 4),
+    (16, 128, 64, 8),
+    (32, 64, 64, 2),
+    (64, 64, 32, 1),
+    (64, 128, 32, 1),
+    (128, 128, 32, 1),
+]
+
+
+def _triton_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    from zycompile.ops import triton_matmul
+
+    return device.type == "cuda" and triton_matmul.usable(device) and dtype.is_floating_point
+
+
+def _triton_candidate(bm: int, bn: int, bk: int, split: int) -> Candidate:
+    def run(x, w, b):
+        from zycompile.ops.triton_matmul import linear
+
+        return linear(x, w, b, bm, bn, bk, split)
+
+    return Candidate(
+        f"triton_{bm}x{bn}x{bk}_s{split}", lambda w, m: w, run, copies_weight=False, available=_triton_ok
+    )
+
+
+CANDIDATES.update({c.name: c for c in (_triton_candidate(*cfg) for cfg in TRITON_CONFIGS)})
 
 
 def available(device: torch.device, dtype: torch.dtype) -> list[Candidate]:

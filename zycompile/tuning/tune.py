@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from zycompile.errors import TuningDBError
 from zycompile.tuning import db as tdb
 from zycompile.tuning.bench import DEFAULT_BENCH, BenchConfig, time_candidates
 from zycompile.tuning.candidates import DEFAULT, available
@@ -42,14 +41,16 @@ def tune_shapes(
     db: tdb.TuningDB,
     cfg: BenchConfig | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[Row]:
     cfg = cfg or DEFAULT_BENCH
+    device = torch.device(device)
     rows = []
     for i, shape in enumerate(shapes):
         if progress:
             progress(i, len(shapes), shape.label())
-        cands = available(torch.device("cpu"), getattr(torch, shape.dtype))
-        timings = {t.candidate: t for t in time_candidates(shape, cands, cfg)}
+        cands = available(device, getattr(torch, shape.dtype))
+        timings = {t.candidate: t for t in time_candidates(shape, cands, cfg, device=device)}
         default_ms = timings[DEFAULT].ms
         valid = {n: t.ms for n, t in timings.items() if t.ms is not None}
         best = min(valid, key=valid.get)
@@ -85,10 +86,6 @@ def tune(
 
         model = load_model(recipe.model.source, recipe.model.dtype).model
     device = next(model.parameters()).device
-    if device.type != "cpu":
-        raise TuningDBError(
-            f"zycompile tune: {device.type} models are not tunable yet (only CPU candidates are written)"
-        )
     out = Path(out) if out else tdb.default_path(device)
     db = open_db(out, device)
     shapes = collect(recipe, model, progress=log)
@@ -96,7 +93,7 @@ def tune(
     shapes = [s for s in shapes if s not in left]
     if log and left:
         log(f"{len(left)} M=1 GEMM shape(s) left to Inductor's decompose_mm_pass (not tuned)")
-    rows = tune_shapes(shapes, db, cfg, progress)
+    rows = tune_shapes(shapes, db, cfg, progress, device)
     db.save(out)
     return db, rows
 
