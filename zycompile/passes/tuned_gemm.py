@@ -43,6 +43,7 @@ from zycompile.tuning.shapes import decomposed_by_inductor, gemm_sites
 log = logging.getLogger("zycompile")
 TUNED_LINEAR = torch.ops.zycompile.tuned_linear.default
 _LOADED: dict[tuple[str, float], tdb.TuningDB] = {}
+_SKIPPED: set[tuple[str, float]] = set()  # shipped files whose validators do not match this machine
 
 
 def resolve_db(opts, device: torch.device) -> tdb.TuningDB | None:
@@ -74,10 +75,14 @@ def _shipped_db(device: torch.device) -> tdb.TuningDB | None:
     path = tdb.shipped_path(device)
     if not path.exists():
         return None
+    key = (str(path), path.stat().st_mtime)
+    if key in _SKIPPED:  # checked once per file version, not once per compiled graph
+        return None
     try:
         return _load_checked(path, device)
     except TuningDBError as e:
         log.info("shipped tuning database not used: %s", e)
+        _SKIPPED.add(key)
         return None
 
 
