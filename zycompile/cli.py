@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="time every GEMM candidate for the recipe's shapes; write the winners")
     _add_recipe_args(tune)
     tune.add_argument("--out", default=None, help="database file (default: the path `db: auto` reads)")
+    tune.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="CANDIDATE",
+        help="a candidate not to time, e.g. inductor_cpp (compiles a kernel per shape; repeatable)",
+    )
     tune.set_defaults(func=cmd_tune)
 
     recipe = sub.add_parser("recipe", help="check or show recipes")
@@ -138,7 +145,7 @@ def cmd_tune(args) -> int:
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     say = lambda msg: print(f"[zycompile] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    db, rows = tune(recipe, args.out, progress=progress_bar(), log=say)
+    db, rows = tune(recipe, args.out, progress=progress_bar(), log=say, skip=tuple(args.skip))
     print("\n".join(summary_lines(rows)))
     say(f"wrote {len(db.entries)} entries to {db.source}")
     return 0

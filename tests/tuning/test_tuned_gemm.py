@@ -53,7 +53,10 @@ def test_candidates_time_and_a_wrong_one_is_discarded():
     shape = collect(recipe(), load_model("tiny:llama").model)[5]
     wrong = Candidate("wrong", lambda w, m: w, lambda x, w, b: torch.nn.functional.linear(x, w, b) + 1, False)
     cands = available(torch.device("cpu"), torch.float32)
-    assert cands[0].name == DEFAULT and {"onednn", "onednn_packed", "mkl_packed"} <= {c.name for c in cands}
+    names = {c.name for c in cands}
+    assert cands[0].name == DEFAULT and {"onednn", "onednn_packed", "mkl_packed", "inductor_cpp"} <= names
+    assert ("split_n" in names) == (torch.get_num_threads() > 1)
+    cands = [c for c in cands if c.name != "inductor_cpp"]  # compiled and checked in its own test below
     timings = time_candidates(shape, [*cands, wrong], FAST)
     assert [t.candidate for t in timings] == [c.name for c in cands] + ["wrong"]
     assert all(t.ms is not None and t.ms > 0 for t in timings[:-1])
@@ -63,12 +66,14 @@ def test_candidates_time_and_a_wrong_one_is_discarded():
 def test_default_kept_unless_a_candidate_clears_the_margin():
     shapes = collect(recipe(), load_model("tiny:llama").model)[:3]
     db = tdb.TuningDB(tdb.current_validators("cpu"), margin=1e9)
-    rows = tune_shapes(shapes, db, FAST)
+    rows = tune_shapes(shapes, db, FAST, skip=("inductor_cpp",))
     assert all(r.winner == DEFAULT and r.speedup == 1.0 for r in rows)
     assert all(db.lookup(s).winner == DEFAULT and len(db.lookup(s).times_ms) >= 4 for s in shapes)
 
 
-@pytest.mark.parametrize("winner", ["onednn_packed", "mkl_packed", "onednn", "aten_relayout"])
+@pytest.mark.parametrize(
+    "winner", ["onednn_packed", "mkl_packed", "onednn", "aten_relayout", "inductor_cpp", "split_n"]
+)
 def test_swapped_model_matches_untuned_logits(tmp_path, winner):
     model = load_model("tiny:llama").model
     ref_model = load_model("tiny:llama").model
@@ -89,7 +94,9 @@ def test_swapped_model_matches_untuned_logits(tmp_path, winner):
         assert "extra weight memory" in rec.notes[2]
 
 
-def test_generation_is_token_identical_with_static_and_dynamic_prefill(tmp_path):
+@pytest.mark.parametrize("winner", ["onednn_packed", "inductor_cpp"])
+def test_generation_is_token_identical_with_static_and_dynamic_prefill(tmp_path, winner):
+    # inductor_cpp is compiled for one M: in the dynamic prefill graph other lengths take the default
     prompts = [[1, 5, 9, 13, 2, 7, 3], [4, 4, 8]]
     base = zycompile.optimize(load_model("tiny:llama").model, recipe())
     want = base.generate(prompts, max_new_tokens=6).tokens
@@ -97,7 +104,7 @@ def test_generation_is_token_identical_with_static_and_dynamic_prefill(tmp_path)
         torch._dynamo.reset()
         model = load_model("tiny:llama").model
         shapes = collect(recipe(prefill=prefill), model)
-        path = forced_db(shapes, "onednn_packed").save(tmp_path / f"{prefill}.yaml")
+        path = forced_db(shapes, winner).save(tmp_path / f"{prefill}.yaml")
         opt = zycompile.optimize(model, recipe(path, prefill=prefill))
         assert opt.generate(prompts, max_new_tokens=6).tokens == want
         swapped = sum(r.matches for r in opt.compile_report().passes if r.name == "tuned_gemm")
@@ -191,11 +198,15 @@ def test_cli_tune_writes_a_database_and_a_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(tune_mod, "DEFAULT_BENCH", dataclasses.replace(FAST))
     out = tmp_path / "tiny.yaml"
     args = ["tune", "--recipe", "llama-tiny", "--out", str(out), "--set", "lowering.backend=aot_eager"]
+    assert main([*args, "--skip", "fastest"]) == 2
+    assert "--skip fastest: no such candidate; candidates: aten_relayout" in capsys.readouterr().err
+    args += ["--skip", "inductor_cpp"]  # it compiles a kernel per shape: minutes on the tiny model here
     assert main(args) == 0
     text = capsys.readouterr()
     assert "geometric-mean speedup" in text.out and "| 4 x 128 x 64 float32 row |" in text.out
     assert "35/35" in text.err
-    assert len(tdb.load_checked(out).entries) == 35
+    entries = tdb.load_checked(out).entries
+    assert len(entries) == 35 and all("inductor_cpp" not in e.times_ms for e in entries.values())
     assert main(args) == 0  # updates the same file
     other = tdb.TuningDB.load(out)
     other.validators["torch"] = "0.0"
@@ -230,3 +241,19 @@ def test_min_m_leaves_gemvs_to_the_default(tmp_path):
     recs = [r for r in opt.compile_report().passes if r.name == "tuned_gemm"]
     assert [r.matches for r in recs] == [8, 0]  # the prefill graph's head runs at M = 1 (last token)
     assert "below min m 1" in recs[0].notes[0] and "below min m 9" in recs[1].notes[0]
+
+
+def test_inductor_cpp_is_exact_m_and_split_n_keeps_one_copy():
+    threads = torch.get_num_threads()
+    w, b = torch.randn(96, 64), torch.randn(96)
+    cpp, split = CANDIDATES["inductor_cpp"], CANDIDATES["split_n"]
+    state = cpp.prepare(w, 4)
+    for m in (4, 3):  # its own M runs the compiled template; another M falls back to F.linear
+        x = torch.randn(m, 64)
+        torch.testing.assert_close(cpp.run(x, state, b), torch.nn.functional.linear(x, w, b))
+    blocks = split.prepare(w, 8)
+    assert all(blk.untyped_storage().data_ptr() == w.untyped_storage().data_ptr() for _, _, blk in blocks)
+    assert [(lo, hi) for lo, hi, _ in blocks][-1][1] == 96
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(split.run(x, blocks, b), torch.nn.functional.linear(x, w, b))
+    assert torch.get_num_threads() == threads  # the single-threaded workers left ours alone

@@ -3,7 +3,7 @@
 ``plan`` indexes a per-process table (one plan per live weight tensor): M -> candidate name, plus the candidate
 states built from the weight (prepacked copies). The op reads the runtime M (rows of x), so one op
 serves a static graph (its M is in the table) and a dynamic-length prefill graph (the nearest tuned M
-is used). A plan whose weight was written since its states were built (``load_state_dict``) rebuilds
+is used; a candidate compiled for one M only, ``inductor_cpp``, is used at exactly that M). A plan whose weight was written since its states were built (``load_state_dict``) rebuilds
 them; an unknown plan id computes the default ``F.linear``. Opaque to Dynamo and Inductor (register_fake).
 """
 
@@ -70,6 +70,8 @@ def tuned_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan:
     m = x2.shape[0]
     p = PLANS[plan]
     cand = CANDIDATES[p.pick(m)]
+    if cand.exact_m and m not in p.table:  # a static-shape kernel tuned for another M (dynamic prefill)
+        return F.linear(x, w, b)
     y = cand.run(x2, p.state(cand, w, m), b)
     return y.reshape(*x.shape[:-1], w.shape[0])
 

@@ -7,8 +7,10 @@ A candidate is a name plus two functions: ``prepare(w, m)`` builds what it needs
 
 CPU candidates (fp32/bf16): ``aten_relayout`` (the other weight layout, row-major vs K-major),
 ``mkl_packed`` (MKL's packed GEMM, as Inductor's freezing path uses; fp32 only), ``onednn`` (oneDNN
-inner product on the plain weight) and ``onednn_packed`` (oneDNN on a weight reordered to its blocked
-format once). GPU candidates (CUDA/ROCm): ``aten`` (cuBLAS/hipBLASLt through ``F.linear``) against a
+inner product on the plain weight), ``onednn_packed`` (oneDNN on a weight reordered to its blocked
+format once), ``inductor_cpp`` (Inductor's C++ GEMM template, compiled per weight and M with the weight
+frozen in; static M only) and ``split_n`` (the weight's rows split into one block per thread, each
+multiplied by single-threaded BLAS on its own worker). GPU candidates (CUDA/ROCm): ``aten`` (cuBLAS/hipBLASLt through ``F.linear``) against a
 sweep of Triton tile configs ``triton_<BM>x<BN>x<BK>_s<SPLIT_K>`` (``ops/triton_matmul.py``), split-K
 ones for skinny decode GEMMs.
 """
@@ -16,7 +18,9 @@ ones for skinny decode GEMMs.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -33,6 +37,7 @@ class Candidate:
     run: Callable[[torch.Tensor, Any, torch.Tensor | None], torch.Tensor]  # (x [M, K], state, bias)
     copies_weight: bool
     per_m: bool = False  # the state depends on M (one copy per M)
+    exact_m: bool = False  # the state serves only its own M (a static-shape kernel); others use the default
     available: Callable[[torch.device, torch.dtype], bool] = lambda device, dtype: True
 
 
@@ -57,6 +62,95 @@ def _mkl_ok(device: torch.device, dtype: torch.dtype) -> bool:
 def _mkl_run(x, state, b):
     packed, w, m = state
     return torch.ops.mkl._mkl_linear(x, packed, w, b, m)
+
+
+class _Linear(torch.nn.Module):
+    """One frozen linear for Inductor: the weight becomes a constant the C++ template packs."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.w = torch.nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x):
+        return (F.linear(x, self.w),)
+
+
+def _cpp_template_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return _onednn_ok(device, dtype)  # the template's weight packing and micro-kernels use the same ISA checks
+
+
+def _cpp_template_prepare(w: torch.Tensor, m: int):
+    import torch._inductor.config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    # compile_fx directly, not torch.compile: Dynamo would key every weight on the one forward code
+    # object and hit its recompile limit. Outside any outer tracing context (the pass builds states
+    # while Dynamo compiles the model).
+    gm = torch.fx.symbolic_trace(_Linear(w))
+    x = torch.zeros(m, w.shape[1], dtype=w.dtype, device=w.device)
+    patches = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+    with torch._guards.tracing(None), inductor_config.patch(patches), torch.no_grad():
+        fn = compile_fx(gm, [x])
+    return fn, w, m
+
+
+def _cpp_template_run(x, state, b):
+    fn, w, m = state
+    if x.shape[0] != m:
+        return F.linear(x, w, b)
+    y = fn(x)[0]
+    return y if b is None else y.add_(b)
+
+
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _single_thread() -> None:
+    torch.get_num_threads()  # ATen's lazy per-thread init first, or it would undo the next line
+    torch.set_num_threads(1)
+
+
+def _split_pool() -> tuple[int, ThreadPoolExecutor]:
+    """One single-threaded worker per intra-op thread of this process (created once)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            n = torch.get_num_threads()
+            pool = ThreadPoolExecutor(n, thread_name_prefix="zy-split-n", initializer=_single_thread)
+            barrier = threading.Barrier(n)
+            list(pool.map(lambda _: barrier.wait(), range(n)))  # start all n workers now
+            torch.set_num_threads(n)  # set_num_threads(1) also lowered the default new threads read
+            _POOL = (n, pool)
+        return _POOL
+
+
+def _split_n_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.get_num_threads() > 1
+
+
+def _split_n_prepare(w: torch.Tensor, m: int):
+    n, _ = _split_pool()
+    bounds = [w.shape[0] * i // n for i in range(n + 1)]
+    return [(lo, hi, w[lo:hi]) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def _mm_into(x, w, b, out):
+    if b is None:
+        torch.mm(x, w.t(), out=out)
+    else:
+        torch.addmm(b, x, w.t(), out=out)
+
+
+def _split_n_run(x, blocks, b):
+    _, pool = _split_pool()
+    out = x.new_empty(x.shape[0], blocks[-1][1])
+    futures = [
+        pool.submit(_mm_into, x, w, None if b is None else b[lo:hi], out[:, lo:hi]) for lo, hi, w in blocks
+    ]
+    for f in futures:
+        f.result()
+    return out
 
 
 CANDIDATES: dict[str, Candidate] = {
@@ -92,6 +186,16 @@ CANDIDATES: dict[str, Candidate] = {
             copies_weight=True,
             available=_onednn_ok,
         ),
+        Candidate(
+            "inductor_cpp",
+            _cpp_template_prepare,
+            _cpp_template_run,
+            copies_weight=True,
+            per_m=True,
+            exact_m=True,
+            available=_cpp_template_ok,
+        ),
+        Candidate("split_n", _split_n_prepare, _split_n_run, copies_weight=False, available=_split_n_ok),
     ]
 }
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from zycompile.errors import ZyError
 from zycompile.tuning import db as tdb
 from zycompile.tuning.bench import DEFAULT_BENCH, BenchConfig, time_candidates
-from zycompile.tuning.candidates import DEFAULT, available
+from zycompile.tuning.candidates import CANDIDATES, DEFAULT, available
 from zycompile.tuning.shapes import GemmShape, collect, decomposed_by_inductor
 
 
@@ -42,14 +43,16 @@ def tune_shapes(
     cfg: BenchConfig | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     device: torch.device | str = "cpu",
+    skip: tuple[str, ...] = (),
 ) -> list[Row]:
+    """Time every available candidate (less ``skip``) on each shape; record the winners in ``db``."""
     cfg = cfg or DEFAULT_BENCH
     device = torch.device(device)
     rows = []
     for i, shape in enumerate(shapes):
         if progress:
             progress(i, len(shapes), shape.label())
-        cands = available(device, getattr(torch, shape.dtype))
+        cands = [c for c in available(device, getattr(torch, shape.dtype)) if c.name not in skip]
         timings = {t.candidate: t for t in time_candidates(shape, cands, cfg, device=device)}
         default_ms = timings[DEFAULT].ms
         valid = {n: t.ms for n, t in timings.items() if t.ms is not None}
@@ -79,8 +82,17 @@ def tune(
     model: torch.nn.Module | None = None,
     progress: Callable[[int, int, str], None] | None = None,
     log: Callable[[str], None] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> tuple[tdb.TuningDB, list[Row]]:
-    """Tune every GEMM of ``recipe`` (a Recipe); save to ``out`` (default: the ``db: auto`` path)."""
+    """Tune every GEMM of ``recipe`` (a Recipe); save to ``out`` (default: the ``db: auto`` path).
+    ``skip``: candidate names not to time (e.g. ``inductor_cpp``, which compiles a kernel per shape)."""
+    unknown = sorted(set(skip) - set(CANDIDATES) - {DEFAULT})
+    if unknown or DEFAULT in skip:
+        raise ZyError(
+            f"--skip {', '.join(unknown) or DEFAULT}: "
+            + ("the default cannot be skipped" if not unknown else "no such candidate")
+            + f"; candidates: {', '.join(n for n in CANDIDATES if n != DEFAULT)}"
+        )
     if model is None:
         from zycompile.models import load_model
 
@@ -93,7 +105,7 @@ def tune(
     shapes = [s for s in shapes if s not in left]
     if log and left:
         log(f"{len(left)} M=1 GEMM shape(s) left to Inductor's decompose_mm_pass (not tuned)")
-    rows = tune_shapes(shapes, db, cfg, progress, device)
+    rows = tune_shapes(shapes, db, cfg, progress, device, skip)
     db.save(out)
     return db, rows
 
