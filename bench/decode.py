@@ -10,6 +10,7 @@ same run; cold and warm compile times of zycompile. Appends a dated table to ben
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -62,8 +63,10 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
     args = ap.parse_args()
 
-    # Cold compile: a fresh Inductor cache dir, so nothing is reused from earlier runs.
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="zy-inductor-"))
+    # Cold compile: a fresh Inductor cache dir, so nothing is reused from earlier runs. Assigned, not
+    # setdefault: importing zycompile (torch._inductor) already set it to the shared default dir, and
+    # "cold" then timed that dir's hits from earlier runs.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="zy-inductor-")
     recipe = zycompile.load_recipe(args.recipe, args.overrides)
     opt = zycompile.optimize(None, recipe)
     model, tok = opt.model, opt.tokenizer
@@ -76,16 +79,27 @@ def main() -> None:
     print(machine_line())
     print(f"read bandwidth {bw / 1e9:.1f} GB/s; weights read per token {wbytes / 1e6:.0f} MB")
 
+    counters = torch._dynamo.utils.counters  # read at each use: compiles may replace the inner Counter
+
+    def fx_cache() -> str:
+        fx = counters["inductor"]
+        return f"{fx['fxgraph_cache_miss']} misses, {fx['fxgraph_cache_hit']} hits"
+
     t0 = time.perf_counter()
     gen.generate([prompts[0]], max_new_tokens=2, ignore_eos=True)
     cold = time.perf_counter() - t0
+    cold_cache = fx_cache()
+    counters["inductor"].clear()
     torch._dynamo.reset()
+    gc.collect()  # the first graphs are gone, as in a new process
     gen.compiled_step = compile_step(gen._step, opt.backend)
     gen.seen_shapes.clear()
     t0 = time.perf_counter()
     gen.generate([prompts[0]], max_new_tokens=2, ignore_eos=True)
     warm = time.perf_counter() - t0
+    warm_cache = fx_cache()
     print(f"zycompile compile: cold {cold:.1f}s, warm (Inductor cache) {warm:.1f}s")
+    print(f"FX graph cache: cold {cold_cache}; warm {warm_cache}")
 
     def zy(ids):
         out = gen.generate([ids], max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -125,7 +139,8 @@ def main() -> None:
         f"{args.repeats} repeats, {args.new_tokens} new tokens, fp32; read bandwidth "
         f"{min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f} GB/s (measured before and after each system; MBU "
         "against the highest); "
-        f"zycompile compile cold {cold:.1f} s, warm {warm:.1f} s",
+        f"zycompile compile cold {cold:.1f} s, warm {warm:.1f} s (FX graph cache: cold {cold_cache}; "
+        f"warm {warm_cache})",
         "",
         "| system | TTFT median (ms) | decode tok/s (median) | MBU | vs HF static+compile |",
         "|---|---|---|---|---|",

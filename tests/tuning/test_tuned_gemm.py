@@ -12,6 +12,7 @@ from zycompile.cli import main
 from zycompile.errors import TuningDBError
 from zycompile.models import load_model
 from zycompile.recipe import load_recipe
+from zycompile.runtime.compiled import compile_step
 from zycompile.tuning import db as tdb
 from zycompile.tuning.bench import BenchConfig, time_candidates
 from zycompile.tuning.candidates import CANDIDATES, DEFAULT, Candidate, available
@@ -257,3 +258,57 @@ def test_inductor_cpp_is_exact_m_and_split_n_keeps_one_copy():
     x = torch.randn(8, 64)
     torch.testing.assert_close(split.run(x, blocks, b), torch.nn.functional.linear(x, w, b))
     assert torch.get_num_threads() == threads  # the single-threaded workers left ours alone
+
+
+def test_plan_outlives_the_graphs_view_of_its_weight():
+    """fuse_projections hands each graph a fresh view of the fused storage. The plan (its id in the graph,
+    its prepacked copies) must outlive that view: a re-trace (torch._dynamo.reset(), a warm start) then
+    builds the same graph, which Inductor's cache can hit, without re-packing. A new storage, even at a
+    reused address, gets a new plan."""
+    import gc
+
+    from zycompile.ops.tuned_linear import PLANS, plan_for
+
+    packed = CANDIDATES["onednn_packed"]
+    if not packed.available(torch.device("cpu"), torch.float32):
+        pytest.skip("oneDNN packed GEMM not in this build")
+    w = torch.randn(96, 32)
+
+    def view(t):  # what fuse_projections' storage_view gives each graph: a new tensor object
+        return t.new_empty(0).set_(t.untyped_storage(), 0, (64, 32), (32, 1))
+
+    first = view(w)
+    pid = plan_for(first)
+    PLANS[pid].state(packed, first, 4)
+    del first
+    gc.collect()
+    assert plan_for(view(w)) == pid and PLANS[pid].states  # same id, prepacked copy kept
+    assert plan_for(w[:64]) == pid  # any view with the same geometry
+    del w
+    gc.collect()
+    assert not PLANS[pid].states  # freed with the storage
+    assert plan_for(view(torch.randn(96, 32))) != pid
+
+
+def test_retrace_gives_the_same_plan_ids(tmp_path, monkeypatch):
+    import gc
+
+    from zycompile.passes.tuned_gemm import TunedGemmPass
+
+    seen: list[int] = []
+    swap = TunedGemmPass._swap
+    monkeypatch.setattr(
+        TunedGemmPass, "_swap", staticmethod(lambda gm, n, pid: (seen.append(pid), swap(gm, n, pid)))
+    )
+    model = load_model("tiny:llama").model
+    path = forced_db(collect(recipe(prefill="dynamic"), model), "onednn_packed").save(tmp_path / "db.yaml")
+    opt = zycompile.optimize(model, recipe(path, prefill="dynamic"))
+    gen = opt.generator()
+    want = gen.generate([[1, 5, 9, 13, 2]], max_new_tokens=4).tokens
+    first, seen[:] = list(seen), []
+    torch._dynamo.reset()
+    gc.collect()  # the first graphs (and their views of the fused weights) are gone
+    gen.compiled_step = compile_step(gen._step, opt.backend)
+    gen.seen_shapes.clear()
+    assert gen.generate([[1, 5, 9, 13, 2]], max_new_tokens=4).tokens == want
+    assert first and seen == first

@@ -1,10 +1,12 @@
 """``zycompile::tuned_linear(x, w, b, plan)``: a linear computed by the candidate a tuning database chose.
 
-``plan`` indexes a per-process table (one plan per live weight tensor): M -> candidate name, plus the candidate
-states built from the weight (prepacked copies). The op reads the runtime M (rows of x), so one op
-serves a static graph (its M is in the table) and a dynamic-length prefill graph (the nearest tuned M
-is used; a candidate compiled for one M only, ``inductor_cpp``, is used at exactly that M). A plan whose weight was written since its states were built (``load_state_dict``) rebuilds
-them; an unknown plan id computes the default ``F.linear``. Opaque to Dynamo and Inductor (register_fake).
+``plan`` indexes a per-process table (one plan per weight: its storage and view geometry): M ->
+candidate name, plus the candidate states built from the weight (prepacked copies). The op reads the
+runtime M (rows of x), so one op serves a static graph (its M is in the table) and a dynamic-length
+prefill graph (the nearest tuned M is used; a candidate compiled for one M only, ``inductor_cpp``, is
+used at exactly that M). A plan whose weight was written since its states were built
+(``load_state_dict``) rebuilds them; an unknown plan id computes the default ``F.linear``. Opaque to
+Dynamo and Inductor (register_fake).
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ class Plan:
     def __init__(self, w: torch.Tensor):
         self.table: dict[int, str] = {}  # M -> candidate name
         self.states: dict[tuple[str, int], tuple[tuple, object]] = {}
-        # The plan lives as long as its weight: its prepacked copies are freed with the weight, and a
-        # new tensor that reuses the address gets a new plan (never another weight's packed copy).
-        self.weight = weakref.ref(w)
-        weakref.finalize(w, self.release)
+        # The plan lives as long as its weight's storage, not the tensor object: fuse_projections hands
+        # each graph a fresh view of the fused storage, and a plan tied to that view would die with the
+        # graph (torch._dynamo.reset), so the next compile got a new plan id — a different graph, an
+        # Inductor/AOTAutograd cache miss — and re-packed the weights. The prepacked copies are freed
+        # with the storage, and a new storage that reuses the address gets a new plan.
+        storage = w.untyped_storage()
+        self.storage = weakref.ref(storage)
+        weakref.finalize(storage, self.release)
 
     def release(self) -> None:
         self.states.clear()  # the table stays: a graph still holding this plan id keeps its choices
@@ -53,10 +59,11 @@ _BY_WEIGHT: dict[tuple, int] = {}
 
 
 def plan_for(w: torch.Tensor) -> int:
-    """The plan id of weight ``w`` (one per weight storage and view, shared by all graphs)."""
-    key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), w.stride(), w.dtype)
+    """The plan id of weight ``w`` (one per weight storage and view, shared by all graphs and re-traces)."""
+    storage = w.untyped_storage()
+    key = (storage.data_ptr(), w.storage_offset(), tuple(w.shape), w.stride(), w.dtype)
     pid = _BY_WEIGHT.get(key)
-    if pid is None or PLANS[pid].weight() is None:
+    if pid is None or PLANS[pid].storage() is not storage:
         pid = _BY_WEIGHT[key] = len(PLANS)
         PLANS.append(Plan(w))
     return pid

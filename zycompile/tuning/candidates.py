@@ -76,7 +76,8 @@ class _Linear(torch.nn.Module):
 
 
 def _cpp_template_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    return _onednn_ok(device, dtype)  # the template's weight packing and micro-kernels use the same ISA checks
+    # the template packs the weight and picks micro-kernels under the same ISA checks as oneDNN
+    return _onednn_ok(device, dtype)
 
 
 def _cpp_template_prepare(w: torch.Tensor, m: int):
