@@ -138,3 +138,40 @@ def test_not_a_tunableop_file(tmp_path):
     bad.write_text("a,b,c\n")
     with pytest.raises(TuningDBError, match="not a TunableOp results file"):
         tdb.import_tunableop_csv(bad)
+
+
+def test_tunableop_solutions_are_handed_back_on_rocm_only(tmp_path, monkeypatch):
+    import torch
+
+    from zycompile.tuning import tunableop
+
+    src = tmp_path / "tunableop_results0.csv"
+    src.write_text(
+        "Validator,PT_VERSION,2.13.0\nValidator,HIPBLASLT_VERSION,1.0-abc\n"
+        "GemmTunableOp_BFloat16_TN,tn_576_4_576_ld_576_576_576,Gemm_Hipblaslt_1219,0.0120\n"
+        "GemmTunableOp_BFloat16_TN,tn_960_4_576_ld_576_576_960,Default,0.0150\n"
+    )
+    db = tdb.import_tunableop_csv(src)
+    calls = []
+
+    class FakeTunable:
+        def enable(self, on):
+            calls.append(("enable", on))
+
+        def tuning_enable(self, on):
+            calls.append(("tuning_enable", on))
+
+        def read_file(self, name):
+            calls.append(("read_file", open(name).read()))
+            return True
+
+    cpu_note = tunableop.hand_back(db, torch.device("cpu"), FakeTunable(), tmp_path / "out.csv")
+    assert "1 TunableOp solution(s)" in cpu_note and "need ROCm" in cpu_note and not calls
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    note = tunableop.hand_back(db, torch.device("cuda"), FakeTunable(), tmp_path / "out.csv")
+    assert note.startswith("1 TunableOp solution(s) handed to TunableOp")
+    assert calls[:2] == [("enable", True), ("tuning_enable", False)]  # lookup only, never tune
+    text = calls[2][1]
+    assert "Validator,HIPBLASLT_VERSION,1.0-abc" in text
+    assert "GemmTunableOp_BFloat16_TN,tn_576_4_576_ld_576_576_576,Gemm_Hipblaslt_1219" in text
+    assert "tn_960_4_576" not in text  # a Default winner is TunableOp's own default: nothing to hand

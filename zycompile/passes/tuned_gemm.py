@@ -19,7 +19,9 @@ Inductor's ``decompose_mm_pass`` turns into fused reductions are left to it.
 ``db: auto`` reads $ZYCOMPILE_CACHE/tuning/<device>.yaml, else the database shipped in
 ``zycompile/tuning/shipped/`` for this device if its validators match (no file: every GEMM keeps the
 default, with a warning); ``db: <path>`` a given file. A file made on another device or software version is an error
-(raised by ``prepare``, before tracing), never silently used.
+(raised by ``prepare``, before tracing), never silently used. Winners that are TunableOp solutions
+(a hipBLASLt result imported with ``import_tunableop_csv``) are handed to TunableOp on ROCm
+(``tuning/tunableop.py``), noted elsewhere.
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ from zycompile.passes import register_pass
 from zycompile.passes.base import GraphPass, PassResult
 from zycompile.passes.fx_util import propagate_meta
 from zycompile.tuning import db as tdb
+from zycompile.tuning import tunableop
 from zycompile.tuning.candidates import CANDIDATES, DEFAULT, state_key
 from zycompile.tuning.shapes import decomposed_by_inductor, gemm_sites
 
 log = logging.getLogger("zycompile")
 TUNED_LINEAR = torch.ops.zycompile.tuned_linear.default
 _LOADED: dict[tuple[str, float], tdb.TuningDB] = {}
+_HANDED: dict[str, str | None] = {}  # database file -> what hand_back did with its TunableOp solutions
 _SKIPPED: set[tuple[str, float]] = set()  # shipped files whose validators do not match this machine
 
 
@@ -184,6 +188,10 @@ class TunedGemmPass(GraphPass):
             notes.append("not in database: " + "; ".join(sorted(missing)[:8]))
         if db is not None:
             notes.append(f"database: {db.source}")
+            if db.source not in _HANDED:  # once per file and process: TunableOp's table is global
+                _HANDED[db.source] = tunableop.hand_back(db, device)
+            if _HANDED[db.source]:
+                notes.append(_HANDED[db.source])
         self.ctx.state.setdefault("tuned_gemm", []).append(counts)
         if db is None or (counts["not_in_db"] and not counts["swapped"]):
             log.warning("tuned_gemm: graph %d: %s", self.ctx.graph_index, "; ".join(notes[:2]))
