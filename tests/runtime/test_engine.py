@@ -104,6 +104,7 @@ def test_dynamic_prefill_reads_only_the_filled_prefix_and_keeps_solo_tokens(gen,
     reqs += [eng.add_request(p, _params()) for p in PROMPTS[3:]]
     eng.run()
     assert [r.output for r in reqs] == solo
+
     # A 40-token prompt into slot 1 in chunks of 16: each chunk attends over positions [0, end of chunk),
     # not the 96-slot row; the decode step after it reads every slot (CPU attention trims the tail).
     def chunked_prefill_next_to_a_decoding_request():
