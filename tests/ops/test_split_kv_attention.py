@@ -118,3 +118,23 @@ TRITON_CHECK = textwrap.dedent(
 
 def test_triton_kernel_under_interpreter(run_interpreted):
     assert "triton split-KV ok 5" in run_interpreted(TRITON_CHECK)
+
+
+def test_cpu_causal_bool_mask_takes_the_causal_kernel_with_the_same_result():
+    from unittest import mock
+
+    from zycompile.ops import attention as attn_mod
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 9, 8, generator=g) for h in (4, 2, 2))
+    tril = torch.ones(9, 9, dtype=torch.bool).tril()
+    not_causal = tril.clone()
+    not_causal[5, 1] = False
+    for mask, fast in ((tril[None, None], True), (tril.expand(2, 1, 9, 9), True), (not_causal, False)):
+        with mock.patch.object(
+            attn_mod.F, "scaled_dot_product_attention", wraps=attn_mod.F.scaled_dot_product_attention
+        ) as sdpa:
+            out = attention(q, k, v, mask, 0.3, False)
+        assert sdpa.call_args.kwargs["is_causal"] is fast
+        assert (sdpa.call_args.kwargs["attn_mask"] is None) is fast
+        torch.testing.assert_close(out, reference_attention(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-5)

@@ -27,6 +27,13 @@ def gen():
     return opt.generator()
 
 
+@pytest.fixture(scope="module")
+def dyn_gen():
+    torch._dynamo.reset()
+    opt = zycompile.optimize("tiny:llama", "llama-tiny", overrides=[*FAST, "runtime.prefill=dynamic"])
+    return opt.generator()
+
+
 def _params(n=10):
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
@@ -77,3 +84,44 @@ def test_no_recompiles_in_steady_state(gen):
         eng2.add_request(p, _params(8))
     eng2.run()
     assert len(gen.opt.compile_report().graphs) == before
+
+
+def _attention_key_lengths(fn) -> list[int]:
+    """Key lengths ``zycompile::attention`` saw while ``fn`` ran, in call order."""
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as prof:
+        fn()
+    return [e.input_shapes[1][2] for e in prof.events() if e.name == "zycompile::attention"]
+
+
+def test_dynamic_prefill_reads_only_the_filled_prefix_and_keeps_solo_tokens(gen, dyn_gen):
+    solo = [gen.generate([p], max_new_tokens=10, ignore_eos=True).tokens[0] for p in PROMPTS]  # buckets
+    eng = Engine(dyn_gen, max_concurrency=3)
+    reqs = [eng.add_request(p, _params()) for p in PROMPTS[:3]]
+    for _ in range(5):
+        eng.step()
+    reqs += [eng.add_request(p, _params()) for p in PROMPTS[3:]]
+    eng.run()
+    assert [r.output for r in reqs] == solo
+
+    # A 40-token prompt into slot 1 in chunks of 16: each chunk attends over positions [0, end of chunk),
+    # not the 96-slot row; the decode step after it reads every slot (CPU attention trims the tail).
+    def chunked_prefill_next_to_a_decoding_request():
+        eng = Engine(dyn_gen, max_concurrency=2)
+        eng.add_request(PROMPTS[0], _params(30))  # holds slot 0
+        eng.step()
+        req = eng.add_request(PROMPTS[2], _params(2))
+        lens = _attention_key_lengths(lambda: [eng.step() for _ in range(3)])
+        return req, lens
+
+    chunked_prefill_next_to_a_decoding_request()  # compiles the batch-2 decode graph (traces call the op)
+    graphs = len(dyn_gen.opt.compile_report().graphs)
+    req, lens = chunked_prefill_next_to_a_decoding_request()
+    assert len(dyn_gen.opt.compile_report().graphs) == graphs  # chunks at start > 0: the same graph
+    layers = dyn_gen.model.config.num_hidden_layers
+    assert req.slot == 1 and req.prefilled == 40
+    want = []
+    for end in (16, 32, 40):  # each engine step: one prefill chunk, then slot 0's decode step
+        want += [end] * layers + [96] * layers
+    assert lens == want

@@ -59,7 +59,10 @@ class PackagedGenerator(Generator):
         self.seen_shapes, self.on_compile, self.bandwidth = set(), None, None
         self.speculator = None  # verify graphs are not exported: a package decodes one token per step
 
-    def step(self, input_ids, pos, last, rows=None):
+    def prefill_keys(self, start, width):
+        return None  # the exported prefill graph takes no key span: it reads every slot
+
+    def step(self, input_ids, pos, last, rows=None, keys=None):
         if rows is not None:
             raise GenerationError(
                 "a loaded package runs whole batches (rows=None); cache slots are not exported"

@@ -18,8 +18,11 @@ def attention(
 ) -> torch.Tensor:
     tq, tk = q.shape[-2], k.shape[-2]
     if mask is not None and mask.dtype == torch.bool and not causal and q.device.type == "cpu":
-        k, v, mask = _trim_masked_tail(k, v, mask)
-        tk = k.shape[-2]
+        if tq == tk > 1 and _is_causal(mask):  # a prefill chunk from position 0: the causal kernel
+            mask, causal = None, True  # skips the blocks above the diagonal instead of masking them
+        else:
+            k, v, mask = _trim_masked_tail(k, v, mask)
+            tk = k.shape[-2]
     if causal and tq != tk:
         keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
         mask = keep if mask is None else _and_masks(mask, keep, q.dtype)
@@ -46,6 +49,12 @@ def _trim_masked_tail(k, v, mask):
     if n >= k.shape[-2]:
         return k, v, mask
     return k[..., :n, :], v[..., :n, :], mask[..., :n]
+
+
+def _is_causal(mask: torch.Tensor) -> bool:
+    """Whether a boolean ``[..., T, T]`` mask is the same lower triangle for every batch row and head."""
+    t = mask.shape[-1]
+    return torch.equal(mask, torch.ones(t, t, dtype=torch.bool, device=mask.device).tril().expand_as(mask))
 
 
 def _and_masks(mask: torch.Tensor, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

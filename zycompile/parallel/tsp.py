@@ -289,8 +289,8 @@ def tsp_generator(optimized):
         # whether the prefill chunk being run has earlier chunks in the cache (a guard: 2 graphs)
         past = False
 
-        def _step(self, input_ids, pos, last, rows=None):
-            self.cache.write_pos, self.cache.rows = pos, rows
+        def _step(self, input_ids, pos, last, rows=None, keys=None):  # keys: None (sharded cache)
+            self.cache.set_step(pos, rows)
             return self.model.step(input_ids, pos, last, self.cache, self.past)
 
         def prefill_chunk(self, rows, lens, start, count, cache_rows=None):

@@ -167,7 +167,7 @@ class EarlyExitDrafter(Drafter):
     def _step(self, ids, pos):
         gen = self.gen
         cache = gen.cache
-        cache.write_pos, cache.rows = pos, None
+        cache.set_step(pos)
         keys = torch.arange(gen.max_seq_len, device=pos.device)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
         hidden = self.exit(

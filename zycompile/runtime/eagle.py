@@ -154,7 +154,7 @@ class EagleDrafter(Drafter):
     def _draft(self, feat, ids, pos, last, rows=None):
         gen = self.gen
         cache = self.cache
-        cache.write_pos, cache.rows = pos, rows
+        cache.set_step(pos, rows)
         keys = torch.arange(gen.max_seq_len, device=pos.device)
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
         emb = gen.decoder.embed_tokens(ids)

@@ -89,11 +89,17 @@ class Generator:
     # ---- the compiled step ---------------------------------------------------------------------
 
     def _step(
-        self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pos: torch.Tensor,
+        last: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cache = self.cache
-        cache.write_pos, cache.rows = pos, rows
-        keys = cache.key_positions  # global position of every slot (this rank's slice when sharded)
+        cache.set_step(pos, rows, keys)
+        # global position of every slot read (this rank's slice when sharded; a prefix in prefill)
+        keys = cache.key_positions if keys is None else keys
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, S]: causal per row
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         kwargs = {self.cache_kw: cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
@@ -104,9 +110,15 @@ class Generator:
         return logits[rows, last].float()
 
     def step(
-        self, input_ids: torch.Tensor, pos: torch.Tensor, last: torch.Tensor, rows: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        pos: torch.Tensor,
+        last: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        keys: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits after token ``last[b]`` of each row; ``rows`` picks cache rows (default 0..B-1)."""
+        """Logits after token ``last[b]`` of each row; ``rows`` picks cache rows (default 0..B-1), ``keys``
+        the slots attended over (``prefill_keys``; default all)."""
         key = (
             input_ids.shape[0],
             "dyn" if self.dynamic_prefill and input_ids.shape[1] > 1 else input_ids.shape[1],
@@ -118,7 +130,7 @@ class Generator:
                 kind = "decode" if key[1] == 1 else "prefill"
                 self.on_compile(f"compiling {kind} graph for batch {key[0]} x {key[1]} tokens")
         with torch.no_grad():
-            return self.compiled_step(input_ids, pos, last, rows)
+            return self.compiled_step(input_ids, pos, last, rows, keys)
 
     # ---- inputs --------------------------------------------------------------------------------
 
@@ -296,7 +308,20 @@ class Generator:
     ) -> torch.Tensor:
         """Run tokens [start, start + count) of each row (padded to a prefill bucket) through the model."""
         ids, pos, last = self.prefill_inputs(rows, lens, start, count)
-        return self.step(ids, pos, last, cache_rows)
+        return self.step(ids, pos, last, cache_rows, self.prefill_keys(start, ids.shape[1]))
+
+    def prefill_keys(self, start: int, width: int) -> torch.Tensor | None:
+        """Key positions a dynamic-length prefill chunk reads: slots [0, start + width), not the whole row.
+
+        Positions past the chunk are masked anyway; reading only the prefix skips gathering (engine rows)
+        and attending over the empty rest of the cache. The length is a second symbolic size of the one
+        prefill graph. None (all slots) for static buckets (no per-start graphs) and sharded caches."""
+        if not self.dynamic_prefill or width < 2:
+            return None
+        keys = self.cache.prefix_keys(min(start + width, self.max_seq_len))
+        if keys is not None:
+            torch._dynamo.maybe_mark_dynamic(keys, 0)
+        return keys
 
     def prefill_inputs(
         self, rows: list[list[int]], lens: list[int], start: int, count: int

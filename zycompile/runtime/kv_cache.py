@@ -37,6 +37,9 @@ class StaticKVCache:
         # [B] cache rows of the step's sequences, or None for rows 0..B-1 (decode reads them as a view;
         # the engine's prefill of one request into slot s passes rows=[s] and reads a gathered copy).
         self.rows: torch.Tensor | None = None
+        # [S'] key positions of the slots the step reads, a prefix of key_positions (None: every slot):
+        # a prefill chunk ending at position p needs only slots [0, p], not the whole empty row.
+        self.read_keys: torch.Tensor | None = None
         # Global position held by each slot (the mask compares these with query positions).
         self.key_positions = torch.arange(max_seq_len, device=device)
 
@@ -71,6 +74,16 @@ class StaticKVCache:
     def slot_of(self, pos: torch.Tensor) -> torch.Tensor:
         return pos
 
+    def set_step(
+        self, pos: torch.Tensor, rows: torch.Tensor | None = None, keys: torch.Tensor | None = None
+    ) -> None:
+        """What the next forward does: writes ``pos`` [B, T] into ``rows`` and reads the slots of ``keys``."""
+        self.write_pos, self.rows, self.read_keys = pos, rows, keys
+
+    def prefix_keys(self, n: int) -> torch.Tensor | None:
+        """Key positions of the slots holding positions [0, n), when they are the first slots; else None."""
+        return self.key_positions[:n]
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write this step's K/V at ``write_pos`` and return the cache rows the step attends over."""
         b = key_states.shape[0]
@@ -80,6 +93,9 @@ class StaticKVCache:
         # x[rows, :, slots] has shape [B, T, H, D]: heads move behind the advanced indices.
         k[rows[:, None], :, slots] = key_states.transpose(1, 2).to(k.dtype)
         v[rows[:, None], :, slots] = value_states.transpose(1, 2).to(v.dtype)
+        if self.read_keys is not None:  # views: the row gather below then copies only these slots
+            n = self.read_keys.shape[0]
+            k, v = k[:, :, :n], v[:, :, :n]
         if self.rows is None:
             return k[:b], v[:b]
         return k.index_select(0, rows), v.index_select(0, rows)

@@ -52,6 +52,9 @@ class SeqShardedKVCache(StaticKVCache):
         pos = torch.where(pos < self.global_len, pos, torch.full_like(pos, NEVER))
         return torch.cat([pos, torch.tensor([NEVER], device=device)])
 
+    def prefix_keys(self, n: int) -> None:
+        return None  # this rank's slots of positions [0, n) are not a prefix of its slice in general
+
     def owner_of(self, pos: torch.Tensor) -> torch.Tensor:
         return pos % self.world if self.layout == "round_robin" else pos // self.local_len
 

@@ -171,11 +171,11 @@ class Speculator:
 
     # ---- compiled target forward: logits at every position (verify) or at ``last`` (prefill) ----
 
-    def _forward(self, ids, pos, last=None, rows=None):
+    def _forward(self, ids, pos, last=None, rows=None, keys=None):
         gen = self.gen
         cache = gen.cache
-        cache.write_pos, cache.rows = pos, rows
-        keys = torch.arange(gen.max_seq_len, device=pos.device)
+        cache.set_step(pos, rows, keys)
+        keys = torch.arange(gen.max_seq_len, device=pos.device) if keys is None else keys
         mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
         kwargs = {gen.cache_kw: cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
         if gen._can_split_head():
@@ -188,7 +188,7 @@ class Speculator:
         )
         return logits.float(), out.hidden_states[-1]
 
-    def forward(self, ids, pos, last=None, rows=None):
+    def forward(self, ids, pos, last=None, rows=None, keys=None):
         dyn = last is not None and self.gen.dynamic_prefill and ids.shape[1] > 1  # one symbolic-length graph
         key = (ids.shape[0], "dyn" if dyn else ids.shape[1], last is None, rows is None)
         if key not in self.seen_shapes:
@@ -197,7 +197,7 @@ class Speculator:
                 what = f"verify graph for k={ids.shape[1] - 1}" if last is None else "prefill graph (hidden)"
                 self.gen.on_compile(f"compiling {what}, batch {ids.shape[0]} x {ids.shape[1]} tokens")
         with torch.no_grad():
-            return self.compiled_forward(ids, pos, last, rows)
+            return self.compiled_forward(ids, pos, last, rows, keys)
 
     # ---- prefill: the target's, plus what the drafter keeps of the prompt ----------------------
 
@@ -214,7 +214,7 @@ class Speculator:
             return logits
         # Same inputs as Generator.prefill_chunk, through the forward that also returns hidden states.
         ids, pos, last = gen.prefill_inputs(rows, lens, start, count)
-        logits, hidden = self.forward(ids, pos, last, cache_rows)
+        logits, hidden = self.forward(ids, pos, last, cache_rows, gen.prefill_keys(start, ids.shape[1]))
         self.drafter.prefill_chunk(rows, lens, start, count, cache_rows, hidden)
         return logits
 
