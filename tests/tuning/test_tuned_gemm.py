@@ -97,7 +97,7 @@ def test_swapped_model_matches_untuned_logits(tmp_path, winner):
 
 @pytest.mark.parametrize("winner", ["onednn_packed", "inductor_cpp"])
 def test_generation_is_token_identical_with_static_and_dynamic_prefill(tmp_path, winner):
-    # inductor_cpp is compiled for one M: in the dynamic prefill graph other lengths take the default
+    # inductor_cpp is compiled for one M: the symbolic-M prefill graph keeps the default there
     prompts = [[1, 5, 9, 13, 2, 7, 3], [4, 4, 8]]
     base = zycompile.optimize(load_model("tiny:llama").model, recipe())
     want = base.generate(prompts, max_new_tokens=6).tokens
@@ -108,8 +108,13 @@ def test_generation_is_token_identical_with_static_and_dynamic_prefill(tmp_path,
         path = forced_db(shapes, winner).save(tmp_path / f"{prefill}.yaml")
         opt = zycompile.optimize(model, recipe(path, prefill=prefill))
         assert opt.generate(prompts, max_new_tokens=6).tokens == want
-        swapped = sum(r.matches for r in opt.compile_report().passes if r.name == "tuned_gemm")
-        assert swapped >= 9 * 2  # prefill and decode graphs, every GEMM incl. the head
+        swapped = [r.matches for r in opt.compile_report().passes if r.name == "tuned_gemm"]
+        if winner == "inductor_cpp" and prefill == "dynamic":
+            # a symbolic-M prefill graph skips one-M kernels (only its head, at static M = rows, is
+            # swapped); the static decode graphs use them
+            assert swapped[0] == 1 and sum(swapped) >= 1 + 9
+        else:
+            assert sum(swapped) >= 9 * 2  # prefill and decode graphs, every GEMM incl. the head
 
 
 def test_auto_without_database_keeps_every_default(tmp_path, monkeypatch):

@@ -208,19 +208,23 @@ class TunedGemmPass(GraphPass):
         )
         entries = {k: e for k, e in entries.items() if k >= self.opts.min_m}
         dtype = getattr(torch, shape.dtype)
-        return {k: self._choose(e, db.margin, dtype) for k, e in entries.items() if e is not None}
+        return {k: self._choose(e, db.margin, dtype, m is None) for k, e in entries.items() if e is not None}
 
-    def _choose(self, entry, margin: float, dtype: torch.dtype) -> str:
+    def _choose(self, entry, margin: float, dtype: torch.dtype, dynamic: bool) -> str:
         """The database's winner, or with ``weight_copies: false`` the fastest candidate that keeps one
-        copy of the weights; the default unless it beat it by the margin (and ``min_speedup``)."""
+        copy of the weights; the default unless it beat it by the margin (and ``min_speedup``). A
+        symbolic-M graph skips candidates compiled for one M (``inductor_cpp``): it would rarely run
+        exactly that M, and would pay their compile time and packed copies for nothing."""
         times = entry.times_ms
         base = times.get(DEFAULT)
         names = [entry.winner]
-        if not self.opts.weight_copies:
+        if dynamic or not self.opts.weight_copies:
             names = sorted((n for n, t in times.items() if t), key=lambda n: times[n])
         for name in names:
             cand = CANDIDATES.get(name)  # None: e.g. a hipBLASLt solution, meaningless on CPU
             if cand is None or name == DEFAULT or (cand.copies_weight and not self.opts.weight_copies):
+                continue
+            if dynamic and cand.exact_m:
                 continue
             speedup = base / times[name] if base and times.get(name) else 0.0
             if speedup >= max(margin, self.opts.min_speedup) and cand.available(torch.device("cpu"), dtype):
