@@ -155,11 +155,12 @@ def main() -> None:
         f"{ROUNDS['quiet']} of {ROUNDS['all']} timing rounds started with no other process runnable "
         "(each waits up to 1 s for that).",
         "",
-        "| M x N x K (fp32, K-major weight) | default (ms) | winner | speedup |",
+        "| M x N x K (fp32; row-major weight unless marked) | default (ms) | winner | speedup |",
         "|---|---|---|---|",
     ]
     for s, d, w, r in rows:
-        lines.append(f"| {s.m} x {s.n} x {s.k}{' +bias' if s.bias else ''} | {d:.3f} | {w} | {r:.2f}x |")
+        tags = (" +bias" if s.bias else "") + (" K-major" if s.layout == "kmajor" else "")
+        lines.append(f"| {s.m} x {s.n} x {s.k}{tags} | {d:.3f} | {w} | {r:.2f}x |")
     dec = [r[3] for r in rows if r[0].m <= 8]
     pre = [r[3] for r in rows if r[0].m > 8]
     lines += [
