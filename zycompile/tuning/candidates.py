@@ -75,11 +75,6 @@ class _Linear(torch.nn.Module):
         return (F.linear(x, self.w),)
 
 
-def _cpp_template_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    # the template packs the weight and picks micro-kernels under the same ISA checks as oneDNN
-    return _onednn_ok(device, dtype)
-
-
 def _cpp_template_prepare(w: torch.Tensor, m: int):
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
@@ -194,7 +189,7 @@ CANDIDATES: dict[str, Candidate] = {
             copies_weight=True,
             per_m=True,
             exact_m=True,
-            available=_cpp_template_ok,
+            available=_onednn_ok,  # the template's weight packing and micro-kernels: oneDNN's ISA checks
         ),
         Candidate("split_n", _split_n_prepare, _split_n_run, copies_weight=False, available=_split_n_ok),
     ]

@@ -86,13 +86,11 @@ def tune(
 ) -> tuple[tdb.TuningDB, list[Row]]:
     """Tune every GEMM of ``recipe`` (a Recipe); save to ``out`` (default: the ``db: auto`` path).
     ``skip``: candidate names not to time (e.g. ``inductor_cpp``, which compiles a kernel per shape)."""
-    unknown = sorted(set(skip) - set(CANDIDATES) - {DEFAULT})
-    if unknown or DEFAULT in skip:
-        raise ZyError(
-            f"--skip {', '.join(unknown) or DEFAULT}: "
-            + ("the default cannot be skipped" if not unknown else "no such candidate")
-            + f"; candidates: {', '.join(n for n in CANDIDATES if n != DEFAULT)}"
-        )
+    for name in skip:
+        if name not in CANDIDATES or name == DEFAULT:
+            why = "the default cannot be skipped" if name == DEFAULT else "no such candidate"
+            others = ", ".join(n for n in CANDIDATES if n != DEFAULT)
+            raise ZyError(f"--skip {name}: {why}; candidates: {others}")
     if model is None:
         from zycompile.models import load_model
 
