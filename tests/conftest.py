@@ -1,8 +1,14 @@
-"""Shared fixtures: a per-session tally of property-test cases, printed in the terminal summary."""
+"""Shared fixtures: a per-session tally of property-test cases, printed in the terminal summary; a
+per-session step cache directory (saved compiled steps never leak between runs or into ~/.cache)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+os.environ["ZYCOMPILE_STEP_CACHE"] = tempfile.mkdtemp(prefix="zy-test-steps-")
 
 _CASES = pytest.StashKey[dict]()
 

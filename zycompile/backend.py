@@ -29,6 +29,7 @@ class ZyBackend:
         self.recipe = recipe
         self.report = report or CompileReport(recipe.compute_hash())
         self.state: dict[str, Any] = {}  # shared by all graphs of one model (e.g. fused buffers)
+        self.saving = False  # set by the step cache while it captures a graph to save (runtime/step_cache.py)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
         t0 = time.perf_counter()
@@ -44,6 +45,10 @@ class ZyBackend:
             self.report.warnings.append(note)
             log.warning(note)
         compiled = lower(gm, example_inputs, self.recipe.lowering, post, graph_options)
+        if self.saving:
+            from zycompile.lowering.artifact import SavedGraph
+
+            compiled = SavedGraph.wrap(compiled, gm, example_inputs) or compiled
         record.compile_s = time.perf_counter() - t0
         log.info("zycompile: graph %d lowered in %.1fs", record.index, record.compile_s)
         return compiled

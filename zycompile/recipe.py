@@ -101,6 +101,7 @@ class RuntimeSection:
     prefill: Literal["buckets", "dynamic"] = "buckets"
     graphs: Literal["auto", "on", "off"] = "auto"
     threads: int | None = None
+    step_cache: bool = True  # save compiled steps to disk: a new process skips Dynamo (runtime/step_cache.py)
 
     def check(self):
         if self.max_seq_len < 2:

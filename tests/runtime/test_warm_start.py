@@ -1,5 +1,6 @@
-"""Warm start: after torch._dynamo.reset(), the re-traced graphs hit Inductor's FX graph cache and the
-AOTAutograd cache (nothing of ours makes the second trace differ), and generate the same tokens."""
+"""Warm start without saved steps (``runtime.step_cache: false``; saved steps: test_step_cache.py):
+after torch._dynamo.reset(), the re-traced graphs hit Inductor's FX graph cache and the AOTAutograd
+cache (nothing of ours makes the second trace differ), and generate the same tokens."""
 
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ def test_warm_start_hits_inductor_and_aot_caches(tmp_path):
         "model": {"source": "tiny:llama"},
         "passes": ["canonicalize_attention", "fuse_projections", "small_gemm"],
         "lowering": {"backend": "inductor"},
-        "runtime": {"max_seq_len": 64, "batch_buckets": [1], "prefill_buckets": [16], "prefill": "dynamic"},
+        "runtime": {
+            "max_seq_len": 64,
+            "batch_buckets": [1],
+            "prefill_buckets": [16],
+            "prefill": "dynamic",
+            "step_cache": False,
+        },
     }
     model = load_model("tiny:llama").model
     db = tdb.TuningDB(tdb.current_validators("cpu"))  # the default recipe's tuned_gemm, forced on

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
-from zycompile.runtime.compiled import compile_step
 from zycompile.runtime.metrics import kv_bytes_per_token, mbu, measure_read_bandwidth, weight_bytes_per_token
 from zycompile.runtime.sampling import SamplingParams, sample
 from zycompile.runtime.sharded_kv_cache import cache_for_recipe
+from zycompile.runtime.step_cache import compile_cached_step
 
 
 @dataclasses.dataclass
@@ -66,7 +66,9 @@ class Generator:
         target = self.decoder if self._can_split_head() else self.model
         names = inspect.signature(target.forward).parameters
         self.cache_kw = "cache" if "cache" in names else "past_key_values"
-        self.compiled_step = compile_step(self._step, optimized.backend)
+        self.compiled_step = compile_cached_step(
+            self._step, optimized.backend, self, ("input_ids", "pos", "last", "rows", "keys")
+        )
         self.seen_shapes: set[tuple[int, int]] = set()
         self.on_compile: Callable[[str], None] | None = None
         self.bandwidth: float | None = None

@@ -1,0 +1,115 @@
+"""Saved compiled steps (``runtime/step_cache.py``): a new process loads them instead of tracing with
+Dynamo and generates the same tokens; a corrupt entry is rebuilt; where steps cannot be saved the
+runtime says why and traces as before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import zycompile
+from zycompile.models import load_model
+from zycompile.runtime import step_cache
+from zycompile.tuning import db as tdb
+from zycompile.tuning.candidates import DEFAULT
+from zycompile.tuning.shapes import collect
+
+# 13 tokens with an 8-token chunk: two prefill chunks, the second reading more keys than it writes
+PROMPT = [1, 5, 9, 13, 2, 7, 11, 3, 8, 4, 6, 10, 12]
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys
+    import zycompile
+    opt = zycompile.optimize(None, json.loads(sys.argv[1]))
+    gen = opt.generator()
+    out = gen.generate([json.loads(sys.argv[2])], max_new_tokens=6, ignore_eos=True)
+    st = gen.compiled_step
+    print("RESULT " + json.dumps(
+        {"tokens": out.tokens, "loaded": st.loaded, "saved": st.saved, "traced": len(opt.compile_report().graphs)}
+    ))
+    """
+)
+
+
+def recipe(tmp_path, backend="inductor"):
+    data = {
+        "model": {"source": "tiny:llama"},
+        "passes": ["canonicalize_attention", "fuse_projections", "small_gemm"],
+        "lowering": {"backend": backend},
+        "runtime": {"max_seq_len": 64, "batch_buckets": [1], "prefill_buckets": [8], "prefill": "dynamic"},
+    }
+    # tuned_gemm forced on every shape (oneDNN): its plans must come back with a loaded step
+    db = tdb.TuningDB(tdb.current_validators("cpu"))
+    for s in collect(zycompile.load_recipe(data), load_model("tiny:llama").model):
+        db.entries[s] = tdb.Entry("onednn", {DEFAULT: 2.0, "onednn": 1.0})
+    data["passes"].insert(2, {"name": "tuned_gemm", "db": str(db.save(tmp_path / "db.yaml")), "min_m": 1})
+    return data
+
+
+def child(data, cache) -> dict:
+    env = {**os.environ, "ZYCOMPILE_STEP_CACHE": str(cache)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(data), json.dumps(PROMPT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return {**json.loads(line[len("RESULT ") :]), "stderr": proc.stderr}
+
+
+@pytest.mark.inductor
+def test_new_process_loads_saved_steps_and_generates_the_same_tokens(tmp_path):
+    data = recipe(tmp_path)
+    cache = tmp_path / "steps"
+    want = zycompile.optimize(None, recipe(tmp_path, backend="aot_eager")).generator()
+    want = want.generate([PROMPT], max_new_tokens=6, ignore_eos=True).tokens
+
+    cold = child(data, cache)
+    assert cold["tokens"] == want
+    assert cold["loaded"] == 0 and cold["saved"] >= 2 and cold["traced"] == cold["saved"]
+
+    warm = child(data, cache)
+    assert warm["tokens"] == want
+    assert warm["loaded"] == cold["saved"] and warm["saved"] == 0
+    assert warm["traced"] == 0  # no graph reached the backend: Dynamo traced nothing
+
+    files = sorted(cache.rglob("*.bin"))
+    files[0].write_bytes(b"not a saved step")
+    again = child(data, cache)
+    assert again["tokens"] == want
+    assert "ignoring unreadable saved step" in again["stderr"]
+    assert again["saved"] == 1 and again["loaded"] == cold["saved"] - 1
+
+
+def owner(backend="inductor", device="cpu", **runtime):
+    data = {"model": {"source": "tiny:llama"}, "lowering": {"backend": backend}, "runtime": runtime}
+    return SimpleNamespace(recipe=zycompile.load_recipe(data), device=torch.device(device))
+
+
+def test_usable_says_why_not():
+    if step_cache.usable(owner()) is not None:
+        pytest.skip(f"step cache unavailable here: {step_cache.usable(owner())}")
+    assert "step_cache is off" in step_cache.usable(owner(step_cache=False))
+    assert "aot_eager" in step_cache.usable(owner(backend="aot_eager"))
+    assert "CUDA/HIP graphs" in step_cache.usable(owner(device="cuda"))
+
+
+def test_marks_split_signatures_and_strip_and_restore():
+    plain, marked = torch.zeros(1, 8), torch.zeros(1, 8)
+    torch._dynamo.maybe_mark_dynamic(marked, 1)
+    assert step_cache._signature((plain, None)) != step_cache._signature((marked, None))
+    removed = step_cache._strip_marks((plain, marked, None))
+    assert not hasattr(marked, "_dynamo_weak_dynamic_indices") and removed
+    step_cache._restore_marks(removed)
+    assert marked._dynamo_weak_dynamic_indices == {1}
