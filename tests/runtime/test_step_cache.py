@@ -28,12 +28,14 @@ CHILD = textwrap.dedent(
     """
     import json, sys
     import zycompile
+    from zycompile.ops.tuned_linear import PLANS
     opt = zycompile.optimize(None, json.loads(sys.argv[1]))
     gen = opt.generator()
     out = gen.generate([json.loads(sys.argv[2])], max_new_tokens=6, ignore_eos=True)
     st = gen.compiled_step
     print("RESULT " + json.dumps(
-        {"tokens": out.tokens, "loaded": st.loaded, "saved": st.saved, "traced": len(opt.compile_report().graphs)}
+        {"tokens": out.tokens, "loaded": st.loaded, "saved": st.saved, "traced": len(opt.compile_report().graphs),
+         "plans_used": sum(1 for p in PLANS.values() if p.table and p.states)}
     ))
     """
 )
@@ -83,6 +85,7 @@ def test_new_process_loads_saved_steps_and_generates_the_same_tokens(tmp_path):
     assert warm["tokens"] == want
     assert warm["loaded"] == cold["saved"] and warm["saved"] == 0
     assert warm["traced"] == 0  # no graph reached the backend: Dynamo traced nothing
+    assert warm["plans_used"] == cold["plans_used"] > 0  # tuned_gemm's plans came back and ran
 
     files = sorted(cache.rglob("*.bin"))
     files[0].write_bytes(b"not a saved step")

@@ -34,6 +34,7 @@ class SavedGraph(SerializableCallable):
         self.views = views
         self.plans = plans
         self.loaded = loaded  # a loaded entry takes the buffers as leading inputs; a live one has them
+        self._inputs = [v[0] for v in views]  # graph inputs the buffers view
         self._buffers: list[torch.Tensor] | None = None
         self._sources: list[torch.Tensor] = []
 
@@ -66,15 +67,12 @@ class SavedGraph(SerializableCallable):
     def __call__(self, *args: Any) -> Any:
         if not self.loaded:
             return self.compiled(*args)
-        if self._buffers is None or any(args[i] is not s for i, s in zip(self._view_inputs(), self._sources)):
-            self._sources = [args[i] for i in self._view_inputs()]
+        if self._buffers is None or any(args[i] is not s for i, s in zip(self._inputs, self._sources)):
+            self._sources = [args[i] for i in self._inputs]
             self._buffers = [
                 torch.as_strided(args[i], size, stride, offset) for i, size, stride, offset in self.views
             ]
         return self.compiled(*self._buffers, *args)
-
-    def _view_inputs(self) -> list[int]:
-        return [v[0] for v in self.views]
 
     @classmethod
     def serialize_compile_artifacts(cls, fn: SavedGraph) -> bytes:
