@@ -21,8 +21,8 @@ from zycompile.tuning import db as tdb
 from zycompile.tuning.candidates import DEFAULT
 from zycompile.tuning.shapes import collect
 
-# 13 tokens with an 8-token chunk: two prefill chunks, the second reading more keys than it writes
-PROMPT = [1, 5, 9, 13, 2, 7, 11, 3, 8, 4, 6, 10, 12]
+# 21 tokens with a 16-token chunk: two prefill chunks, the second reading more keys than it writes
+PROMPT = [1, 5, 9, 13, 2, 7, 11, 3, 8, 4, 6, 10, 12, 14, 15, 16, 17, 18, 19, 20, 21]
 
 CHILD = textwrap.dedent(
     """
@@ -46,9 +46,10 @@ def recipe(tmp_path, backend="inductor"):
         "model": {"source": "tiny:llama"},
         "passes": ["canonicalize_attention", "fuse_projections", "small_gemm"],
         "lowering": {"backend": backend},
-        "runtime": {"max_seq_len": 64, "batch_buckets": [1], "prefill_buckets": [8], "prefill": "dynamic"},
+        "runtime": {"max_seq_len": 64, "batch_buckets": [1], "prefill_buckets": [16], "prefill": "dynamic"},
     }
-    # tuned_gemm forced on every shape (oneDNN): its plans must come back with a loaded step
+    # tuned_gemm forced on every prefill shape (oneDNN; M <= 8 GEMMs are small_gemm's): its plans
+    # must come back with a loaded step
     db = tdb.TuningDB(tdb.current_validators("cpu"))
     for s in collect(zycompile.load_recipe(data), load_model("tiny:llama").model):
         db.entries[s] = tdb.Entry("onednn", {DEFAULT: 2.0, "onednn": 1.0})
