@@ -178,15 +178,13 @@ class TSPCausalLM(nn.Module):
         x = prefill_embed(ring, self.embed.to_local(), self.vocab_start, ids_p, idx)
         kpos = pos_p[:, torch.cat(idx)]  # the gathered keys' order: rank 0's tokens, rank 1's, ...
         lpos = pos_p[:, mine]
-        pad_q = lpos == NEVER
-        qpos = lpos.masked_fill(pad_q, NEVER - 1)  # a padding query sees the real keys: no empty softmax
-        cos, sin = self.rotary_emb(x, lpos.masked_fill(pad_q, 0))
-        past_kpos = None
+        cos, sin = self.rotary_emb(x, lpos.masked_fill(lpos == NEVER, 0))
+        prior = None  # earlier chunks in the cache: every slot's position, and each row's first position here
         if cache is not None and past:
-            past_kpos = torch.cat([cache.positions_of(j, ids.device) for j in range(d)])
+            prior = (torch.cat([cache.positions_of(j, ids.device) for j in range(d)]), pos[:, 0])
         for i, lay in enumerate(self.layers):
             h = lay.input_layernorm(x)
-            x = x + prefill_attention(ring, lay, h, cos, sin, qpos, kpos, cache, i, past_kpos)
+            x = x + prefill_attention(ring, lay, h, cos, sin, kpos, cache, i, prior)
             h = lay.post_attention_layernorm(x)
             x = x + (prefill_moe(ring, lay, h) if lay.moe else prefill_mlp(ring, lay, h, lay.act))
         return x, mine, idx
