@@ -9,6 +9,8 @@ vocabulary; norms are replicated. The math (``tsp_layers.py``) uses the shards' 
   residuals are per token, so activations stay ``T/D x hidden`` per rank; the weight shards travel
   instead (q/k/v and o broadcast in turn, the MLP's around a point-to-point ring), and K/V of the
   chunk is all-gathered for attention and for the owners' cache writes. No all-reduce in the MLP.
+  Attention needs no position mask: a zigzag chunk sees the earlier chunks whole and itself causally
+  (flash calls merged by log-sum-exp), so what grows with T/D x T is only kernel work.
 - **Decode** runs one token per row, fewer tokens than ranks, so sharding tokens has nothing to
   split: moving 1/D of every weight per generated token would cost ~(D-1)/D of the model's bytes
   per step, against a few KiB of activations. Decode therefore keeps the same shards stationary

@@ -9,12 +9,14 @@ Prefill, rank r of D, local tokens ``x [B, n, H]`` (zigzag chunks r and 2D-1-r, 
 - q/k/v: the packed ``[Wq_j; Wk_j; Wv_j]`` shard of rank j is broadcast (j = 0..D-1) and applied to
   the local tokens as one GEMM: D broadcasts give every head for this rank's tokens (the next shard's
   broadcast is issued before the current one is used, so it overlaps the GEMM).
-- K/V of the chunk: one all-gather (keys in rank-major order, their positions computed locally);
-  local queries attend causally by position. Chunks after the first (long prompts) all-gather the
-  cache slices instead: the earlier positions live there.
+- K/V of the chunk: one all-gather (rank-major: rank j's zigzag chunks j and 2D-1-j). Each local
+  query chunk attends the earlier key chunks whole and its own causally, one flash call per key chunk
+  (views of the gathered buffer, GQA without expanding K/V), merged by log-sum-exp: no ``[n x D*n]``
+  mask. Chunks after the first (long prompts) also all-gather the cache slices, attended per rank
+  with a key-only mask (positions before the chunk) and merged the same way.
 - o_proj: the ``Wo[:, cols_j]`` shards are broadcast likewise (D broadcasts).
-- MLP: ``(gate_j, up_j, down_j^T)`` travel around the ring, one point-to-point shift per step
-  (``permute_tensor``, D-1 steps); each rank sums ``down_j(act(gate_j x) * up_j x)`` for its own
+- MLP: ``(gate_j, up_j, down_j^T)`` travel around the ring in ``MLP_PIECES`` blocks of intermediate
+  rows, one point-to-point shift per block and step (``permute_tensor``, D-1 steps); each rank sums ``down_j(act(gate_j x) * up_j x)`` for its own
   tokens, gate/up as one GEMM. No all-reduce: the full sum is built where the tokens are.
 
 Decode (one token per row: fewer tokens than ranks) keeps the same shards stationary, TP-style:
