@@ -20,3 +20,15 @@ def test_live_bytes_counts_created_tensors_until_they_die():
     assert live.live == 8000  # c and d are still alive
     del c, d
     assert live.live == 0
+
+
+def test_live_bytes_lists_what_is_alive_at_the_peak():
+    w = torch.ones(1000)
+    with LiveBytes(keep=[w]) as live:
+        a = w * 2  # 4000
+        b = torch.cat([a, a])  # 8000 -> peak 12000 with a
+        del a, b
+        c = w + 1  # 4000: below the peak, changes nothing
+    assert live.peak == 12000
+    assert live.top() == [(8000, "aten.cat.default [2000]"), (4000, "aten.mul.Tensor [1000]")]
+    del c

@@ -16,6 +16,7 @@ from zycompile.parallel import distributed
 from zycompile.parallel.local_group import LocalGroup
 from zycompile.parallel.tp import ShardingError, check_divisible, local_bytes
 from zycompile.parallel.tsp import apply_tsp, check_tsp
+from zycompile.parallel.tsp_layers import MLP_PIECES
 from zycompile.recipe import ParallelSection
 from zycompile.runtime.sharded_kv_cache import SeqShardedKVCache
 
@@ -123,13 +124,13 @@ def test_tsp_logits_collectives_and_memory(group, source):
         torch.testing.assert_close(picked, want[[0, 1], [10, 4]], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(decoded, want_next, rtol=1e-5, atol=1e-5)
         # prefill, per layer: q/k/v and o weight shards broadcast in turn (2D), one K/V all-gather, the
-        # MLP's D-1 ring shifts (all_to_all_single is permute_tensor's transport) and no all-reduce;
-        # once: the embedding's D-1 ring shifts, one all-reduce picking each row's last token, the
-        # vocab-sharded head's all-gather
+        # MLP's D-1 ring steps of MLP_PIECES shifts each (all_to_all_single is permute_tensor's
+        # transport) and no all-reduce; once: the embedding's D-1 ring shifts, one all-reduce picking
+        # each row's last token, the vocab-sharded head's all-gather
         assert prefill == {
             "broadcast": 2 * d * LAYERS,
             "all_gather_into_tensor": LAYERS + 1,
-            "all_to_all_single": (d - 1) * (LAYERS + 1),
+            "all_to_all_single": (d - 1) * (MLP_PIECES * LAYERS + 1),
             "all_reduce": 1,
         }
         # decode, per layer: one all-gather of the q/k/v shards, one all-reduce each after o and down,
@@ -139,8 +140,9 @@ def test_tsp_logits_collectives_and_memory(group, source):
         # norms are replicated: each rank holds 1/D of everything else
         assert abs(mine - total / d) / total < 0.02
         # projections fused per shard (packed q/k/v and gate/up): prefill, per layer and shard, one GEMM
-        # each for q/k/v, o, gate/up and down; decode, per layer: the same 4; once: the LM head
-        assert gemms == (4 * d * LAYERS + 1, 4 * LAYERS + 1)
+        # each for q/k/v and o, and per MLP block one for gate/up and one for down; decode, per layer:
+        # 4 (q/k/v, o, gate/up, down); once: the LM head
+        assert gemms == ((2 + 2 * MLP_PIECES) * d * LAYERS + 1, 4 * LAYERS + 1)
 
 
 def test_tsp_decode_logits_equal_one_process(group):

@@ -76,6 +76,33 @@ def merge_pair(
     return merge_partials(torch.stack([o1, o2]), torch.stack([lse1, lse2]))
 
 
+def merge_online(
+    o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge_pair`` without stacking (float32 result): for callers that merge many partials of one
+    query block in turn and must not hold two copies of it. Both parts need a visible key (finite lse)."""
+    m = torch.maximum(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
+    den = w1 + w2
+    o = (o1.float() * (w1 / den).unsqueeze(-1)).add_(o2.float() * (w2 / den).unsqueeze(-1))
+    return o, m + torch.log(den)
+
+
+def attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, mask=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention of q over one KV block with its log-sum-exp: ``(o, lse [B, Hq, Tq] float32)``.
+
+    CPU: the fused flash kernel (GQA without copies, ``causal`` top-left, no score matrix); other
+    devices: ``partial_attention`` (materialises the block's scores). ``mask``: additive float."""
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=mask, scale=scale
+        )
+    o, lse = partial_attention(q, k, v, None if mask is None else mask, scale, causal)
+    return o.to(q.dtype), lse
+
+
 def tree_merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Pairwise log-depth merge of a list of partials (what an all-reduce tree does across ranks)."""
     while len(parts) > 1:

@@ -30,7 +30,8 @@ class LiveBytes(TorchDispatchMode):
     last Python tensor dies; storages that existed before (weights, KV cache, inputs: ``keep``) never
     count. ``peak`` is everything; ``peak_compute`` leaves out collectives' outputs (received weight
     shards, gathered K/V, reduced sums), so the two bound what the communication buffers add. Kernel
-    workspaces inside one op (SDPA's blocks) are invisible to both.
+    workspaces inside one op (SDPA's blocks) are invisible to both. ``at_peak`` lists what was alive
+    when ``peak`` was reached (``top()``: the largest, with the op that made each).
     """
 
     def __init__(self, keep=()):
@@ -38,11 +39,15 @@ class LiveBytes(TorchDispatchMode):
         self.external = {t.untyped_storage().data_ptr() for t in keep}
         self.refs: collections.Counter[int] = collections.Counter()
         self.sizes: dict[int, tuple[int, bool]] = {}
+        self.made_by: dict[int, str] = {}  # live storage -> "op [shape]" of its first tensor
+        self.at_peak: list[tuple[int, str]] = []
         self.live = self.live_compute = self.peak = self.peak_compute = 0
+        self._op = ""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         comm = func.namespace == "_c10d_functional"
+        self._op = f"{func.namespace}.{func.__name__}"
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._track(t, comm)
@@ -61,8 +66,11 @@ class LiveBytes(TorchDispatchMode):
             return
         if self.refs[key] == 0:
             self.sizes[key] = (storage.nbytes(), comm)
+            self.made_by[key] = f"{self._op} {list(t.shape)}"
             self.live += storage.nbytes()
             self.live_compute += 0 if comm else storage.nbytes()
+            if self.live > self.peak:
+                self.at_peak = [(n, self.made_by[k]) for k, (n, _) in self.sizes.items()]
             self.peak = max(self.peak, self.live)
             self.peak_compute = max(self.peak_compute, self.live_compute)
         self.refs[key] += 1
@@ -72,8 +80,13 @@ class LiveBytes(TorchDispatchMode):
         self.refs[key] -= 1
         if self.refs[key] == 0:
             nbytes, comm = self.sizes.pop(key)
+            del self.made_by[key]
             self.live -= nbytes
             self.live_compute -= 0 if comm else nbytes
+
+    def top(self, n: int = 8) -> list[tuple[int, str]]:
+        """The ``n`` largest storages alive at the peak: ``(bytes, "op [shape]")``, largest first."""
+        return sorted(self.at_peak, reverse=True)[:n]
 
 
 def model_tensors(model: torch.nn.Module, cache=None) -> list[torch.Tensor]:

@@ -9,6 +9,8 @@ vocabulary; norms are replicated. The math (``tsp_layers.py``) uses the shards' 
   residuals are per token, so activations stay ``T/D x hidden`` per rank; the weight shards travel
   instead (q/k/v and o broadcast in turn, the MLP's around a point-to-point ring), and K/V of the
   chunk is all-gathered for attention and for the owners' cache writes. No all-reduce in the MLP.
+  Attention needs no position mask: a zigzag chunk sees the earlier chunks whole and itself causally
+  (flash calls merged by log-sum-exp), so what grows with T/D x T is only kernel work.
 - **Decode** runs one token per row, fewer tokens than ranks, so sharding tokens has nothing to
   split: moving 1/D of every weight per generated token would cost ~(D-1)/D of the model's bytes
   per step, against a few KiB of activations. Decode therefore keeps the same shards stationary
@@ -178,15 +180,13 @@ class TSPCausalLM(nn.Module):
         x = prefill_embed(ring, self.embed.to_local(), self.vocab_start, ids_p, idx)
         kpos = pos_p[:, torch.cat(idx)]  # the gathered keys' order: rank 0's tokens, rank 1's, ...
         lpos = pos_p[:, mine]
-        pad_q = lpos == NEVER
-        qpos = lpos.masked_fill(pad_q, NEVER - 1)  # a padding query sees the real keys: no empty softmax
-        cos, sin = self.rotary_emb(x, lpos.masked_fill(pad_q, 0))
-        past_kpos = None
+        cos, sin = self.rotary_emb(x, lpos.masked_fill(lpos == NEVER, 0))
+        prior = None  # earlier chunks in the cache: every slot's position, and each row's first position here
         if cache is not None and past:
-            past_kpos = torch.cat([cache.positions_of(j, ids.device) for j in range(d)])
+            prior = (torch.cat([cache.positions_of(j, ids.device) for j in range(d)]), pos[:, 0])
         for i, lay in enumerate(self.layers):
             h = lay.input_layernorm(x)
-            x = x + prefill_attention(ring, lay, h, cos, sin, qpos, kpos, cache, i, past_kpos)
+            x = x + prefill_attention(ring, lay, h, cos, sin, kpos, cache, i, prior)
             h = lay.post_attention_layernorm(x)
             x = x + (prefill_moe(ring, lay, h) if lay.moe else prefill_mlp(ring, lay, h, lay.act))
         return x, mine, idx

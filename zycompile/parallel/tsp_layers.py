@@ -9,12 +9,14 @@ Prefill, rank r of D, local tokens ``x [B, n, H]`` (zigzag chunks r and 2D-1-r, 
 - q/k/v: the packed ``[Wq_j; Wk_j; Wv_j]`` shard of rank j is broadcast (j = 0..D-1) and applied to
   the local tokens as one GEMM: D broadcasts give every head for this rank's tokens (the next shard's
   broadcast is issued before the current one is used, so it overlaps the GEMM).
-- K/V of the chunk: one all-gather (keys in rank-major order, their positions computed locally);
-  local queries attend causally by position. Chunks after the first (long prompts) all-gather the
-  cache slices instead: the earlier positions live there.
+- K/V of the chunk: one all-gather (rank-major: rank j's zigzag chunks j and 2D-1-j). Each local
+  query chunk attends the earlier key chunks whole and its own causally, one flash call per key chunk
+  (views of the gathered buffer, GQA without expanding K/V), merged by log-sum-exp: no ``[n x D*n]``
+  mask. Chunks after the first (long prompts) also all-gather the cache slices, attended per rank
+  with a key-only mask (positions before the chunk) and merged the same way.
 - o_proj: the ``Wo[:, cols_j]`` shards are broadcast likewise (D broadcasts).
-- MLP: ``(gate_j, up_j, down_j^T)`` travel around the ring, one point-to-point shift per step
-  (``permute_tensor``, D-1 steps); each rank sums ``down_j(act(gate_j x) * up_j x)`` for its own
+- MLP: ``(gate_j, up_j, down_j^T)`` travel around the ring in ``MLP_PIECES`` blocks of intermediate
+  rows, one point-to-point shift per block and step (``permute_tensor``, D-1 steps); each rank sums ``down_j(act(gate_j x) * up_j x)`` for its own
   tokens, gate/up as one GEMM. No all-reduce: the full sum is built where the tokens are.
 
 Decode (one token per row: fewer tokens than ranks) keeps the same shards stationary, TP-style:
@@ -34,7 +36,12 @@ import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
 import zycompile.ops.tree_attention  # noqa: F401  (registers the decode attention ops)
+from zycompile.ops.tree_attention import attention_lse, merge_online
 from zycompile.runtime.sharded_kv_cache import NEVER
+
+# The prefill MLP ring moves each weight shard in this many blocks of intermediate rows: per rank, one
+# shard plus one block in flight instead of two shards (the double buffer of an overlapped ring step).
+MLP_PIECES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,14 +121,61 @@ def _linear_packed(x: torch.Tensor, w: torch.Tensor, has_bias: bool) -> torch.Te
 # ---- prefill: tokens sharded, weights circulate -----------------------------------------------------
 
 
+def zigzag_attention(
+    q: torch.Tensor, kv: torch.Tensor, rank: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of this rank's zigzag queries over the chunk's gathered keys, no mask built.
+
+    ``q [B, Hq, 2c, d]``: chunks ``rank`` and ``2D-1-rank`` of the padded chunk; ``kv [D, 2, B, Hkv, 2c, d]``:
+    rank j's keys/values are chunks j and 2D-1-j. A query chunk g sees chunks ``0..g-1`` whole and itself
+    causally: one flash call per key chunk (``is_causal`` on the diagonal, GQA without copying K/V, key
+    chunks as views of ``kv``), merged by log-sum-exp. Index order is position order within a prefill
+    chunk, and padding sits at its end, so no real query sees a padding key. Returns ``(o, lse)``,
+    ``o [B, Hq, 2c, d]`` float32.
+    """
+    d, c = kv.shape[0], kv.shape[4] // 2
+
+    def chunk(g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j, half = (g, slice(0, c)) if g < d else (2 * d - 1 - g, slice(c, 2 * c))
+        return kv[j, 0, :, :, half], kv[j, 1, :, :, half]
+
+    outs, lses = [], []
+    for h, g in enumerate((rank, 2 * d - 1 - rank)):
+        qh = q[:, :, h * c : (h + 1) * c]
+        o, lse = attention_lse(qh, *chunk(g), scale, causal=True)
+        for e in range(g):
+            o, lse = merge_online(o, lse, *attention_lse(qh, *chunk(e), scale, causal=False))
+        outs.append(o.float())
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+def past_attention(
+    ring: Ring, q, cache, layer: int, scale: float, past_kpos, start
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the chunk's queries over the cached keys of earlier chunks (positions ``< start [B]``),
+    one rank's cache slice at a time (gathered; no ``[queries x keys]`` mask). ``(o, lse)`` float32."""
+    b = q.shape[0]
+    kc, vc = cache_rows(cache, layer, b)
+    keys, values = ring.gather(kc), ring.gather(vc)  # [D, B, Hkv, L+1, d]
+    o = lse = None
+    for j, kpos in enumerate(past_kpos.view(ring.world, -1)):
+        seen = kpos[None, :] < start[:, None]  # [B, L+1]
+        mask = torch.zeros(seen.shape, dtype=q.dtype, device=q.device).masked_fill(~seen, float("-inf"))
+        oj, lj = attention_lse(q, keys[j], values[j], scale, False, mask[:, None, None])
+        lj = lj.masked_fill(~seen.any(-1)[:, None, None], float("-inf"))  # the kernel says 0 when none seen
+        o, lse = (oj.float(), lj) if o is None else merge_online(o, lse, oj, lj)
+    return o, lse
+
+
 def prefill_attention(
-    ring: Ring, lay, x: torch.Tensor, cos, sin, qpos, kpos, cache, layer: int, past_kpos
+    ring: Ring, lay, x: torch.Tensor, cos, sin, kpos, cache, layer: int, past
 ) -> torch.Tensor:
     """Attention block for the local tokens ``x [B, n, H]`` (already normed).
 
-    ``qpos [B, n]``: the local queries' positions; ``kpos [B, D*n]``: the gathered keys' positions
-    (``NEVER`` for padding, which is neither attended nor cached). ``past_kpos`` (chunks after the
-    first): the key position of every slot of every rank's cache slice, in rank order.
+    ``kpos [B, D*n]``: the gathered keys' positions, for the cache writes (``NEVER`` for padding, which
+    is never cached). ``past`` (chunks after the first): ``(past_kpos, start)``, the key position of
+    every slot of every rank's cache slice in rank order, and each row's first position in this chunk.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
@@ -133,26 +187,26 @@ def prefill_attention(
         if j + 1 < ring.world:
             nxt = ring.broadcast(packed, j + 1)  # in flight while shard j multiplies
         parts.append(_linear_packed(x, cur, lay.qkv_bias))
+    del cur, nxt  # the received shards: freed before attention
     qd, kd = lay.q_rows // ring.world, lay.kv_rows // ring.world  # one shard's rows
     split = [p.split([qd, kd, kd], dim=-1) for p in parts]
     q = heads(torch.cat([s[0] for s in split], -1), lay.head_dim, lay.q_norm)
     k = heads(torch.cat([s[1] for s in split], -1), lay.head_dim, lay.k_norm)
     v = heads(torch.cat([s[2] for s in split], -1), lay.head_dim, None)
+    del parts, split
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    kv = ring.gather(torch.stack([k, v]))  # [D, 2, B, Hkv, n, d]
-    b, hkv, n, d = k.shape
-    kv = kv.permute(1, 2, 3, 0, 4, 5).reshape(2, b, hkv, ring.world * n, d)
-    keys, values, key_pos = kv[0], kv[1], kpos
-    if cache is not None:
-        write_kv(cache, layer, keys, values, kpos)
-        if past_kpos is not None:  # earlier chunks live in the cache slices: attend over all of them instead
-            kc, vc = cache_rows(cache, layer, b)
-            keys = ring.gather(kc).permute(1, 2, 0, 3, 4).flatten(2, 3)
-            values = ring.gather(vc).permute(1, 2, 0, 3, 4).flatten(2, 3)
-            key_pos = past_kpos.expand(b, -1)
-    mask = (key_pos[:, None, :] <= qpos[:, :, None])[:, None]  # [B, 1, n, keys]
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=lay.scale, enable_gqa=True)
-    out = out.transpose(1, 2).reshape(b, n, -1)
+    kv = ring.gather(torch.stack([k, v]))  # [D, 2, B, Hkv, n, d]: rank j's tokens, in its zigzag order
+    del k, v
+    b, n = x.shape[:2]
+    if cache is not None:  # one write per rank's block: no [B, Hkv, D*n, d] copy of the gathered K/V
+        for j, pj in enumerate(kpos.view(b, ring.world, n).unbind(1)):
+            write_kv(cache, layer, kv[j, 0], kv[j, 1], pj)
+    out, lse = zigzag_attention(q, kv, ring.rank, lay.scale)
+    del kv
+    if past is not None:  # earlier chunks live in the cache slices
+        out, _ = merge_online(out, lse, *past_attention(ring, q, cache, layer, lay.scale, *past))
+    del q, lse
+    out = out.to(x.dtype).transpose(1, 2).reshape(b, n, -1)
     # o_proj: Wo[:, cols_j] of rank j times this rank's attention output columns cols_j
     wo = lay.wo.to_local()
     nxt, acc = ring.broadcast(wo, 0), None
@@ -162,19 +216,31 @@ def prefill_attention(
         if j + 1 < ring.world:
             nxt = ring.broadcast(wo, j + 1)
         y = F.linear(cols[j], cur)
-        acc = y if acc is None else acc + y
+        acc = y if acc is None else acc.add_(y)
+        del y
     return acc if lay.bo is None else acc + lay.bo
 
 
-def prefill_mlp(ring: Ring, lay, x: torch.Tensor, act) -> torch.Tensor:
-    """Gated MLP for the local tokens: the packed (gate, up, down^T) shards go once around the ring."""
-    cur, acc = lay.mlp_packed(), None
+def prefill_mlp(ring: Ring, lay, x: torch.Tensor, act, pieces: int = MLP_PIECES) -> torch.Tensor:
+    """Gated MLP for the local tokens: the packed (gate, up, down^T) shards go once around the ring.
+
+    Each shard travels in ``pieces`` blocks of intermediate rows (the MLP is a sum over them), each block
+    sent on as soon as it is applied: a rank holds one shard plus one block in flight, not two shards, and
+    one block's ``[n, 2I/(D*pieces)]`` intermediate."""
+    queue, acc = list(lay.mlp_packed().tensor_split(pieces, dim=1)), None
     for s in range(ring.world):
-        nxt = ring.shift(cur) if s + 1 < ring.world else None  # next shard moves while this one computes
-        gate, up = F.linear(x, cur[:2].flatten(0, 1)).chunk(2, dim=-1)  # gate/up: one GEMM
-        y = F.linear(act(gate) * up, cur[2].t())
-        acc = y if acc is None else acc + y
-        cur = nxt
+        for _ in range(pieces):
+            cur = queue.pop(0).contiguous()  # a copy only for this rank's own blocks (step 0)
+            nxt = ring.shift(cur) if s + 1 < ring.world else None  # moves on while it computes here
+            gate, up = F.linear(x, cur[:2].flatten(0, 1)).chunk(2, dim=-1)  # gate/up: one GEMM
+            a = act(gate).mul_(up)
+            del gate, up  # before the next GEMM: one intermediate alive, not two
+            y = F.linear(a, cur[2].t())
+            del a, cur
+            acc = y if acc is None else acc.add_(y)  # acc is this function's own tensor: sum in place
+            del y
+            if nxt is not None:  # done with the block: finish its send now, so the sent copy is freed
+                queue.append(fc.wait_tensor(nxt))
     return acc
 
 
