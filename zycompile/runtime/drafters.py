@@ -55,8 +55,10 @@ class NgramDrafter(Drafter):
         found = [self.lookup(c, k) for c in ctx]
         if not any(found):
             return None, None
-        # Rows with a short or no match are padded by repeating their last token: verified, mostly rejected.
-        draft = [(f + [f[-1] if f else int(p)] * k)[:k] for f, p in zip(found, pending.tolist())]
+        # The verify is as wide as the longest match (a width the target pays for, per token, on this
+        # CPU); rows with a shorter or no match are padded with their last token, mostly rejected.
+        width = max(len(f) for f in found)
+        draft = [(f + [f[-1] if f else int(p)] * width)[:width] for f, p in zip(found, pending.tolist())]
         return torch.tensor(draft, dtype=torch.long), None
 
 

@@ -150,6 +150,7 @@ class EagleDrafter(Drafter):
         self.start = [0] * rows  # entries start..pos-1 are pending (features known, not yet in the cache)
         self.compiled = compile_step(self._draft, gen.opt.backend)
         self.max_pos = gen.max_seq_len - 1
+        self.threshold = spec.draft_confidence
 
     def _draft(self, feat, ids, pos, last, rows=None):
         gen = self.gen
@@ -209,6 +210,7 @@ class EagleDrafter(Drafter):
             last[b] = p - s - 1
         logits, g = self.draft(self.feat[:bsz], ids.to(dev), epos.to(dev), last.to(dev))
         toks, qs = [], []
+        conf = torch.ones(bsz, device=dev)
         for j in range(k):
             if j:
                 step_pos = (pos[:, None] + j - 1).clamp(max=self.max_pos).to(dev)
@@ -216,10 +218,19 @@ class EagleDrafter(Drafter):
                     g[:, None], toks[-1][:, None], step_pos, torch.zeros_like(last).to(dev)
                 )
             sub, q_sub = pick(logits, params, generators)
+            if self.threshold:
+                # P(draft j and all before it accepted) ~ the product of the head's probabilities:
+                # a draft below the threshold costs verify width for little expected gain.
+                conf = conf * torch.softmax(logits, -1).gather(1, sub[:, None])[:, 0]
+                low = bool((conf < self.threshold).all())
+                if low and j:
+                    break
             toks.append(self.head.vocab_ids[sub])
             if q_sub is not None:
                 q = torch.zeros(bsz, gen.model.config.vocab_size, device=dev)
                 qs.append(q.index_copy_(1, self.head.vocab_ids, q_sub))
+            if self.threshold and low:  # every later draft is less likely still: no draft call for it
+                break
         return torch.stack(toks, 1), torch.stack(qs, 1) if qs else None
 
     def observe(self, pos, n, next_tok, hidden, k):

@@ -244,13 +244,13 @@ class Speculator:
             n = torch.zeros_like(nxt)
             self.drafter.observe(pos, n, nxt, None, 0)
             k_used = 0
-        else:
+        else:  # the drafter may stop short of k (no match, low confidence): verify what it drafted
+            k_used = draft.shape[1]
             ids = torch.cat([pending[:, None], draft], 1).to(dev)
-            vpos = (pos[:, None] + torch.arange(k + 1)).clamp(max=top).to(dev)
+            vpos = (pos[:, None] + torch.arange(k_used + 1)).clamp(max=top).to(dev)
             logits, hidden = self.forward(ids, vpos)
             n, nxt = accept(draft.to(dev), None if q is None else q.to(dev), logits, params, generators)
-            self.drafter.observe(pos, n, nxt, hidden, k)
-            k_used = k
+            self.drafter.observe(pos, n, nxt, hidden, k_used)
         n_list, nxt_list = n.tolist(), nxt.tolist()
         out = []
         for b in range(len(ctx)):
@@ -262,7 +262,7 @@ class Speculator:
                 self.stats.accepted += n_list[b]
         self.stats.forwards += 1
         if self.spec.adaptive and k_used:
-            full = all(n_list[b] == k for b in range(len(ctx)) if active[b])
+            full = all(n_list[b] == k_used for b in range(len(ctx)) if active[b])
             self.k = min(k + 1, self.spec.num_tokens) if full else max(k - 1, self.spec.min_tokens)
         return out
 
