@@ -139,6 +139,8 @@ class SpeculativeSection:
     eagle_head: str | None = None  # eagle: .safetensors from `zycompile train-draft` (relative: recipe dir)
     # eagle: stop drafting (k' < k) once the product of the drafts' probabilities falls below this
     draft_confidence: float = 0.0
+    # verify the prefix of the drafts that maximises expected tokens per measured second (draft_length.py)
+    cost_aware: bool = False
 
     def check(self):
         if self.num_tokens < 1:

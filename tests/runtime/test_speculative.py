@@ -192,6 +192,23 @@ def test_eagle_draft_confidence_stops_drafting_early_and_output_stays_identical(
     assert s["drafted"] == 3 * s["rounds"]
 
 
+@pytest.mark.parametrize("name", ["ngram", "eagle"])
+def test_cost_aware_draft_length_keeps_greedy_output(name, reference, tiny_head):
+    extra = ["speculative.cost_aware=true", "speculative.num_tokens=3"]
+    extra += (
+        DRAFTERS["ngram"]
+        if name == "ngram"
+        else ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}"]
+    )
+    opt = _spec(extra)
+    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
+    assert out.tokens == reference
+    length = opt.generator().speculator.length
+    assert any(ms is not None for ms in length.ms[1:])  # verify widths were timed
+    if name == "eagle":  # the head's confidence is known per draft
+        assert opt.generator().speculator.drafter.confidence.shape[0] == 4
+
+
 def test_ngram_verifies_only_as_wide_as_its_longest_match():
     from zycompile.runtime.drafters import NgramDrafter
 

@@ -25,6 +25,7 @@ from zycompile.runtime.compiled import compile_step
 
 class Drafter:
     needs_hidden = False  # True: the speculator prefills through its hidden-state forward
+    confidence: torch.Tensor | None = None  # after propose: [B, k] P(drafts 1..j accepted), if known
 
     def reset_row(self, row: int) -> None:
         pass

@@ -209,7 +209,7 @@ class EagleDrafter(Drafter):
             epos[b] = (torch.arange(width) + s).clamp(max=self.max_pos)
             last[b] = p - s - 1
         logits, g = self.draft(self.feat[:bsz], ids.to(dev), epos.to(dev), last.to(dev))
-        toks, qs = [], []
+        toks, qs, confs = [], [], []
         conf = torch.ones(bsz, device=dev)
         for j in range(k):
             if j:
@@ -218,19 +218,20 @@ class EagleDrafter(Drafter):
                     g[:, None], toks[-1][:, None], step_pos, torch.zeros_like(last).to(dev)
                 )
             sub, q_sub = pick(logits, params, generators)
-            if self.threshold:
-                # P(draft j and all before it accepted) ~ the product of the head's probabilities:
-                # a draft below the threshold costs verify width for little expected gain.
-                conf = conf * torch.softmax(logits, -1).gather(1, sub[:, None])[:, 0]
-                low = bool((conf < self.threshold).all())
-                if low and j:
-                    break
+            # P(draft j and all before it accepted) ~ the product of the head's probabilities: below
+            # ``draft_confidence`` a draft costs verify width (and draft calls) for little expected gain.
+            conf = conf * torch.softmax(logits, -1).gather(1, sub[:, None])[:, 0]
+            low = bool((conf < self.threshold).all())
+            if low and j:
+                break
             toks.append(self.head.vocab_ids[sub])
+            confs.append(conf)
             if q_sub is not None:
                 q = torch.zeros(bsz, gen.model.config.vocab_size, device=dev)
                 qs.append(q.index_copy_(1, self.head.vocab_ids, q_sub))
-            if self.threshold and low:  # every later draft is less likely still: no draft call for it
+            if low:  # every later draft is less likely still: no draft call for it
                 break
+        self.confidence = torch.stack(confs, 1)
         return torch.stack(toks, 1), torch.stack(qs, 1) if qs else None
 
     def observe(self, pos, n, next_tok, hidden, k):
