@@ -10,8 +10,8 @@ it is never drafted, which costs acceptance, never correctness. ``zycompile trai
 (``zycompile/train_draft.py``).
 
 Drafting after a verify that accepted n of k: the target's features at the n+1 verified positions
-become entries (catch-up, one ``[B, num_tokens+1]`` forward whose entry n drafts d_1), then k-1
-one-token forwards feed the head's own prediction g back as the next feature.
+become entries (catch-up, one ``[B, n+1]`` forward, n the most any row accepted, whose entry n drafts
+d_1), then k-1 one-token forwards feed the head's own prediction g back as the next feature.
 """
 
 from __future__ import annotations
@@ -196,7 +196,11 @@ class EagleDrafter(Drafter):
         from zycompile.runtime.speculative import pick
 
         gen, dev = self.gen, self.gen.device
-        bsz, width = len(ctx), self.width
+        bsz = len(ctx)
+        # Catch-up over only as many entries as some row has pending (accepted drafts + 1): one small
+        # head graph per width, and the one-token calls below share the width-1 graph.
+        pending_entries = [int(pos[b]) - self.start[b] for b in range(bsz) if len(ctx[b]) == int(pos[b]) + 1]
+        width = max([n for n in pending_entries if 0 < n <= self.width], default=1)
         ids = torch.zeros(bsz, width, dtype=torch.long)
         epos = torch.full((bsz, width), self.max_pos, dtype=torch.long)
         last = torch.zeros(bsz, dtype=torch.long)
@@ -208,7 +212,7 @@ class EagleDrafter(Drafter):
             ids[b, : len(nxt)] = torch.tensor(nxt, dtype=torch.long)
             epos[b] = (torch.arange(width) + s).clamp(max=self.max_pos)
             last[b] = p - s - 1
-        logits, g = self.draft(self.feat[:bsz], ids.to(dev), epos.to(dev), last.to(dev))
+        logits, g = self.draft(self.feat[:bsz, :width], ids.to(dev), epos.to(dev), last.to(dev))
         toks, qs, confs = [], [], []
         conf = torch.ones(bsz, device=dev)
         for j in range(k):
