@@ -7,7 +7,7 @@ token rows. The conversations the benchmarks sample their prompts from (the firs
 The frozen target's forward is most of the cost (the head is one layer), so it runs once: the hidden
 states f (the LM head's input) of every training row are computed first and kept in memory in the
 target's compute dtype (``--features`` also saves them to a file a later run reuses), then the head
-trains ``--epochs`` passes over them. The head learns entry p = (f_p, x_{p+1}) -> f_{p+1}: smooth-L1
+trains ``--steps`` over them (``--rows`` of them: several epochs when steps x batch is larger). The head learns entry p = (f_p, x_{p+1}) -> f_{p+1}: smooth-L1
 to f_{p+1} plus ``--ce-weight`` x cross-entropy to the target's next-token distribution over the
 draft vocabulary (recomputed from f_{p+1}; EAGLE's loss), with uniform noise on the input features
 so it tolerates its own predicted features when drafting. The draft vocabulary is the
@@ -31,14 +31,14 @@ def add_parser(sub, add_recipe_args) -> None:
     p = sub.add_parser("train-draft", help="train an EAGLE draft head for speculative decoding")
     add_recipe_args(p)
     p.add_argument("--out", required=True, help="where to write the head (.safetensors)")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps over all epochs (default 120)")
+    p.add_argument("--steps", type=int, default=120, help="optimizer steps (default 120)")
     p.add_argument("--batch", type=int, default=8, help="rows per step (default 8)")
     p.add_argument(
-        "--epochs",
+        "--rows",
         type=int,
-        default=1,
-        help="passes over the training rows (default 1): "
-        "steps x batch / epochs distinct rows, whose target features are computed once",
+        default=None,
+        help="distinct training rows, whose target features are computed once (default steps x batch: "
+        "one epoch); the steps cycle over them in a new order each epoch",
     )
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default 256)")
     p.add_argument("--draft-vocab", type=int, default=8192, help="draft vocabulary size (default 8192)")
@@ -147,8 +147,9 @@ def cmd_train_draft(args) -> int:
     from zycompile.runtime.eagle import EagleHead, save_head
 
     log = lambda msg: print(f"[train-draft] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    if min(args.steps, args.batch, args.seq_len, args.draft_vocab, args.epochs, args.val_rows) < 1:
-        raise ZyError("--steps, --batch, --epochs, --seq-len, --draft-vocab and --val-rows must be positive")
+    n_train = args.rows or args.steps * args.batch
+    if min(args.steps, args.batch, args.seq_len, args.draft_vocab, n_train, args.val_rows) < 1:
+        raise ZyError("--steps, --batch, --rows, --seq-len, --draft-vocab and --val-rows must be positive")
     if args.seq_len < 3:
         raise ZyError(f"--seq-len {args.seq_len}: expected at least 3 tokens per row")
     recipe = zycompile.load_recipe(args.recipe, args.overrides)
@@ -160,9 +161,11 @@ def cmd_train_draft(args) -> int:
     if tok is None or getattr(tok, "chat_template", None) is None:
         raise ZyError(f"{recipe.model.source}: train-draft needs a tokenizer with a chat template")
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    n_train = math.ceil(args.steps * args.batch / args.epochs)
     rows = token_rows(tok, args.seq_len, n_train + args.val_rows, args.seed)
-    log(f"{n_train} rows x {args.seq_len} tokens x {args.epochs} epochs")
+    epochs = args.steps * args.batch / n_train
+    log(
+        f"{n_train} rows x {args.seq_len} tokens, {args.steps} steps x {args.batch} rows: {epochs:.2f} epochs"
+    )
     feats = cached_features(args.features, decoder, rows, args.batch, recipe.model.source, log)
     vocab_ids = draft_vocabulary(lm_head, rows[args.val_rows :], feats[args.val_rows :], args.draft_vocab)
     train, val = (
@@ -246,7 +249,7 @@ def cmd_train_draft(args) -> int:
         "hidden_size": model.config.hidden_size,
         "vocab_size": model.config.vocab_size,
         "steps": done,
-        "epochs": args.epochs,
+        "epochs": round(done * args.batch / n_train, 2),
         "tokens": n_train * args.seq_len,
         "command": "zycompile " + " ".join(getattr(args, "argv", sys.argv[1:])),
         "val_top1": round(acc, 4),
