@@ -35,10 +35,13 @@ DRAFTERS = {
         ["speculative.method=ngram", "speculative.num_tokens=3", "speculative.cost_aware=true"],
     ),
     "early_exit": ("smollm2-135m", ["speculative.method=early_exit", "speculative.exit_layer=20"]),
-    "eagle_k1": ("smollm2-135m-eagle", ["speculative.num_tokens=1", "speculative.cost_aware=false"]),
-    "eagle": ("smollm2-135m-eagle", []),
+    "eagle": ("smollm2-135m-eagle", []),  # k = 1
+    "eagle_k3_cost": (
+        "smollm2-135m-eagle",
+        ["speculative.num_tokens=3", "speculative.cost_aware=true", "speculative.draft_confidence=0.1"],
+    ),
 }
-DEFAULT = ["ngram_k4", "ngram", "eagle_k1", "eagle"]  # early_exit (5% acceptance) only on request
+DEFAULT = ["ngram_k4", "ngram", "eagle", "eagle_k3_cost"]  # early_exit (5% acceptance) only on request
 
 
 def run_zy(recipe, overrides, prompts, new_tokens, log):
