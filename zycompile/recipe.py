@@ -138,6 +138,10 @@ class SpeculativeSection:
     draft_model: str | None = None  # draft_model: a model source with the target's tokenizer
     exit_layer: int | None = None  # early_exit: target layers the draft runs before norm + head
     eagle_head: str | None = None  # eagle: .safetensors from `zycompile train-draft` (relative: recipe dir)
+    # eagle: stop drafting (k' < k) once the product of the drafts' probabilities falls below this
+    draft_confidence: float = 0.0
+    # verify the prefix of the drafts that maximises expected tokens per measured second (draft_length.py)
+    cost_aware: bool = False
 
     def check(self):
         if self.num_tokens < 1:
@@ -154,6 +158,8 @@ class SpeculativeSection:
         )
         if need and getattr(self, need) is None:
             yield need, f"missing; method '{self.method}' needs speculative.{need}"
+        if not 0.0 <= self.draft_confidence < 1.0:
+            yield "draft_confidence", f"got {self.draft_confidence!r}; expected a number in [0, 1)"
         if self.exit_layer is not None and self.exit_layer < 1:
             yield "exit_layer", f"got {self.exit_layer!r}; expected an integer >= 1"
 

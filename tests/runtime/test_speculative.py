@@ -178,6 +178,48 @@ def test_eagle_drafts_equal_a_cache_free_reference(tiny_head):
     assert draft[0].tolist() == ref
 
 
+def test_eagle_draft_confidence_stops_drafting_early_and_output_stays_identical(reference, tiny_head):
+    """An untrained head spreads its probability over 256 draft tokens: with a threshold every round
+    verifies only its first draft (k' = 1 of k = 3), and greedy output is unchanged."""
+    eagle = ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}", "speculative.num_tokens=3"]
+    opt = _spec(eagle + ["speculative.draft_confidence=0.5"])
+    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
+    assert out.tokens == reference
+    s = out.speculative
+    assert s["drafted"] == s["rounds"] > 0  # one draft per round: stopped after the first
+    opt = _spec(eagle)  # no threshold: all 3 drafts every round
+    s = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True).speculative
+    assert s["drafted"] == 3 * s["rounds"]
+
+
+@pytest.mark.parametrize("name", ["ngram", "eagle"])
+def test_cost_aware_draft_length_keeps_greedy_output(name, reference, tiny_head):
+    extra = ["speculative.cost_aware=true", "speculative.num_tokens=3"]
+    extra += (
+        DRAFTERS["ngram"]
+        if name == "ngram"
+        else ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}"]
+    )
+    opt = _spec(extra)
+    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
+    assert out.tokens == reference
+    length = opt.generator().speculator.length
+    assert any(ms is not None for ms in length.ms[1:])  # verify widths were timed
+    if name == "eagle":  # the head's confidence is known per draft
+        assert opt.generator().speculator.drafter.confidence.shape[0] == 4
+
+
+def test_ngram_verifies_only_as_wide_as_its_longest_match():
+    from zycompile.runtime.drafters import NgramDrafter
+
+    ng, greedy = NgramDrafter(3, 1), [SamplingParams()] * 2
+    ctx = [[1, 2, 3, 9, 1, 2, 3], [5, 6, 7, 8]]  # row 0: "1 2 3" -> "9 1 2 3"; row 1: no match
+    pending = torch.tensor([3, 8])
+    draft, q = ng.propose(ctx, pending, torch.tensor([6, 3]), greedy, [None, None], 8)
+    assert q is None and draft.tolist() == [[9, 1, 2, 3], [8, 8, 8, 8]]
+    assert ng.propose([[5, 6, 7, 8]], pending[1:], torch.tensor([3]), greedy[:1], [None], 4) == (None, None)
+
+
 def test_adaptive_k_moves_and_output_stays_identical(reference):
     opt = _spec(DRAFTERS["draft_model_same"] + ["speculative.adaptive=true", "speculative.num_tokens=5"])
     spec = opt.generator().speculator
@@ -256,6 +298,8 @@ def test_bad_drafter_configs_are_one_clear_error(tmp_path):
         _spec(
             ["speculative.method=draft_model", "speculative.draft_model=tiny:llama?vocab_size=1024"]
         ).generator()
+    with pytest.raises(RecipeError, match=r"draft_confidence: got 1.5; expected a number in \[0, 1\)"):
+        _spec(["speculative.method=ngram", "speculative.draft_confidence=1.5"])
     with pytest.raises(RecipeError, match="eagle_head: file 'nope.safetensors' not found"):
         _spec(["speculative.method=eagle", "speculative.eagle_head=nope.safetensors"]).generator()
     model = load_model("tiny:llama?hidden_size=32&head_dim=8").model

@@ -45,11 +45,17 @@ def test_greedy_identical_on_sharegpt(recipe, extra, prompts_and_reference):
         assert accepted > 0.1  # a random head: ~0
 
 
-def test_train_draft_writes_a_loadable_head(tmp_path):
-    out = tmp_path / "head.safetensors"
-    argv = ["train-draft", "--out", str(out), "--steps", "1", "--batch", "1", "--seq-len", "32"]
-    assert main(argv + ["--draft-vocab", "256", "--dtype", "float32"]) == 0
+def test_train_draft_writes_a_loadable_head(tmp_path, capsys):
+    """Two epochs over one row's cached target features; a second run reuses the saved features."""
+    out, feats = tmp_path / "head.safetensors", tmp_path / "feats.pt"
+    argv = ["train-draft", "--out", str(out), "--steps", "2", "--batch", "1", "--rows", "1"]
+    argv += ["--seq-len", "32", "--val-rows", "1", "--draft-vocab", "256", "--features", str(feats)]
+    assert main(argv + ["--dtype", "float32"]) == 0
+    assert feats.is_file() and "reusing target features" not in capsys.readouterr().err
     model = load_model("smollm2-135m-instruct").model
     head, meta = load_head(out, model, torch.float32)
-    assert len(head.vocab_ids) == 256 and meta["steps"] == 1 and meta["target"] == "smollm2-135m-instruct"
-    assert "train-draft" in meta["command"]
+    assert len(head.vocab_ids) == 256 and meta["steps"] == 2 and meta["epochs"] == 2.0
+    assert meta["tokens"] == 32 and meta["target"] == "smollm2-135m-instruct"
+    assert "train-draft" in meta["command"] and 0 <= meta["val_top1"] <= 1
+    assert main(argv + ["--dtype", "float32"]) == 0
+    assert "reusing target features" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from zycompile.runtime.compiled import compile_step
 
 class Drafter:
     needs_hidden = False  # True: the speculator prefills through its hidden-state forward
+    confidence: torch.Tensor | None = None  # after propose: [B, k] P(drafts 1..j accepted), if known
 
     def reset_row(self, row: int) -> None:
         pass
@@ -55,8 +56,10 @@ class NgramDrafter(Drafter):
         found = [self.lookup(c, k) for c in ctx]
         if not any(found):
             return None, None
-        # Rows with a short or no match are padded by repeating their last token: verified, mostly rejected.
-        draft = [(f + [f[-1] if f else int(p)] * k)[:k] for f, p in zip(found, pending.tolist())]
+        # The verify is as wide as the longest match (a width the target pays for, per token, on this
+        # CPU); rows with a shorter or no match are padded with their last token, mostly rejected.
+        width = max(len(f) for f in found)
+        draft = [(f + [f[-1] if f else int(p)] * width)[:width] for f, p in zip(found, pending.tolist())]
         return torch.tensor(draft, dtype=torch.long), None
 
 

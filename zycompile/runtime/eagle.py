@@ -10,8 +10,8 @@ it is never drafted, which costs acceptance, never correctness. ``zycompile trai
 (``zycompile/train_draft.py``).
 
 Drafting after a verify that accepted n of k: the target's features at the n+1 verified positions
-become entries (catch-up, one ``[B, num_tokens+1]`` forward whose entry n drafts d_1), then k-1
-one-token forwards feed the head's own prediction g back as the next feature.
+become entries (catch-up, one ``[B, n+1]`` forward, n the most any row accepted, whose entry n drafts
+d_1), then k-1 one-token forwards feed the head's own prediction g back as the next feature.
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ class EagleDrafter(Drafter):
         self.start = [0] * rows  # entries start..pos-1 are pending (features known, not yet in the cache)
         self.compiled = compile_step(self._draft, gen.opt.backend)
         self.max_pos = gen.max_seq_len - 1
+        self.threshold = spec.draft_confidence
 
     def _draft(self, feat, ids, pos, last, rows=None):
         gen = self.gen
@@ -195,7 +196,11 @@ class EagleDrafter(Drafter):
         from zycompile.runtime.speculative import pick
 
         gen, dev = self.gen, self.gen.device
-        bsz, width = len(ctx), self.width
+        bsz = len(ctx)
+        # Catch-up over only as many entries as some row has pending (accepted drafts + 1): one small
+        # head graph per width, and the one-token calls below share the width-1 graph.
+        pending_entries = [int(pos[b]) - self.start[b] for b in range(bsz) if len(ctx[b]) == int(pos[b]) + 1]
+        width = max([n for n in pending_entries if 0 < n <= self.width], default=1)
         ids = torch.zeros(bsz, width, dtype=torch.long)
         epos = torch.full((bsz, width), self.max_pos, dtype=torch.long)
         last = torch.zeros(bsz, dtype=torch.long)
@@ -207,8 +212,9 @@ class EagleDrafter(Drafter):
             ids[b, : len(nxt)] = torch.tensor(nxt, dtype=torch.long)
             epos[b] = (torch.arange(width) + s).clamp(max=self.max_pos)
             last[b] = p - s - 1
-        logits, g = self.draft(self.feat[:bsz], ids.to(dev), epos.to(dev), last.to(dev))
-        toks, qs = [], []
+        logits, g = self.draft(self.feat[:bsz, :width], ids.to(dev), epos.to(dev), last.to(dev))
+        toks, qs, confs = [], [], []
+        conf = torch.ones(bsz, device=dev)
         for j in range(k):
             if j:
                 step_pos = (pos[:, None] + j - 1).clamp(max=self.max_pos).to(dev)
@@ -216,10 +222,20 @@ class EagleDrafter(Drafter):
                     g[:, None], toks[-1][:, None], step_pos, torch.zeros_like(last).to(dev)
                 )
             sub, q_sub = pick(logits, params, generators)
+            # P(draft j and all before it accepted) ~ the product of the head's probabilities: below
+            # ``draft_confidence`` a draft costs verify width (and draft calls) for little expected gain.
+            conf = conf * torch.softmax(logits, -1).gather(1, sub[:, None])[:, 0]
+            low = bool((conf < self.threshold).all())
+            if low and j:
+                break
             toks.append(self.head.vocab_ids[sub])
+            confs.append(conf)
             if q_sub is not None:
                 q = torch.zeros(bsz, gen.model.config.vocab_size, device=dev)
                 qs.append(q.index_copy_(1, self.head.vocab_ids, q_sub))
+            if low:  # every later draft is less likely still: no draft call for it
+                break
+        self.confidence = torch.stack(confs, 1)
         return torch.stack(toks, 1), torch.stack(qs, 1) if qs else None
 
     def observe(self, pos, n, next_tok, hidden, k):

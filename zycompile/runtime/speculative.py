@@ -27,6 +27,7 @@ import torch
 
 from zycompile.errors import GenerationError
 from zycompile.runtime.compiled import compile_step
+from zycompile.runtime.draft_length import DraftLength
 from zycompile.runtime.generate import bucket_for
 from zycompile.runtime.sampling import SamplingParams, probabilities, sample
 
@@ -168,6 +169,11 @@ class Speculator:
         self.compiled_forward = compile_step(self._forward, gen.opt.backend)
         self.seen_shapes: set[tuple] = set()
         self.drafter = build_drafter(gen, spec)
+        self.length = (
+            DraftLength(spec.num_tokens, allow_plain=not self.drafter.needs_hidden)
+            if spec.cost_aware
+            else None
+        )
 
     # ---- compiled target forward: logits at every position (verify) or at ``last`` (prefill) ----
 
@@ -238,20 +244,33 @@ class Speculator:
         dev = gen.device
         top = gen.max_seq_len - 1
         draft, q = self.drafter.propose(ctx, pending, pos, params, generators, k)
+        if draft is not None and self.length is not None:  # cost-aware: keep the drafts that pay
+            conf = self.drafter.confidence
+            rows = [b for b in range(len(ctx)) if active[b]] or [0]
+            keep = self.length.choose(draft.shape[1], None if conf is None else conf[rows].mean(0))
+            draft, q = (None, None) if keep == 0 else (draft[:, :keep], None if q is None else q[:, :keep])
+        t0 = time.perf_counter()
         if draft is None:  # nothing worth verifying: a plain decode step (its graph already exists)
+            timed = (len(ctx), 1, True) in gen.seen_shapes  # not its first (compiling) call
             logits = gen.step(pending[:, None].to(dev), pos[:, None].to(dev), torch.zeros_like(pos).to(dev))
             nxt = sample(logits, params, generators)
             n = torch.zeros_like(nxt)
             self.drafter.observe(pos, n, nxt, None, 0)
             k_used = 0
-        else:
+        else:  # the drafter may stop short of k (no match, low confidence): verify what it drafted
+            k_used = draft.shape[1]
+            timed = (len(ctx), k_used + 1, True, True) in self.seen_shapes
             ids = torch.cat([pending[:, None], draft], 1).to(dev)
-            vpos = (pos[:, None] + torch.arange(k + 1)).clamp(max=top).to(dev)
+            vpos = (pos[:, None] + torch.arange(k_used + 1)).clamp(max=top).to(dev)
             logits, hidden = self.forward(ids, vpos)
             n, nxt = accept(draft.to(dev), None if q is None else q.to(dev), logits, params, generators)
-            self.drafter.observe(pos, n, nxt, hidden, k)
-            k_used = k
+            self.drafter.observe(pos, n, nxt, hidden, k_used)
         n_list, nxt_list = n.tolist(), nxt.tolist()
+        if self.length is not None:
+            if timed:
+                self.length.observe_time(k_used, (time.perf_counter() - t0) * 1e3)
+            if k_used:
+                self.length.observe_accept([n_list[b] for b in range(len(ctx)) if active[b]], k_used)
         out = []
         for b in range(len(ctx)):
             toks = (draft[b, : n_list[b]].tolist() if k_used else []) + [nxt_list[b]]
@@ -262,7 +281,7 @@ class Speculator:
                 self.stats.accepted += n_list[b]
         self.stats.forwards += 1
         if self.spec.adaptive and k_used:
-            full = all(n_list[b] == k for b in range(len(ctx)) if active[b])
+            full = all(n_list[b] == k_used for b in range(len(ctx)) if active[b])
             self.k = min(k + 1, self.spec.num_tokens) if full else max(k - 1, self.spec.min_tokens)
         return out
 
