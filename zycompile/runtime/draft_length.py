@@ -40,9 +40,9 @@ class DraftLength:
         return (self.hits + 1) / (self.hits + self.misses + 2)
 
     def cost(self, k: int) -> float:
-        known = [ms for ms in self.ms[: k + 1] if ms is not None]
         if self.ms[k] is not None:
             return self.ms[k]
+        known = [ms for ms in self.ms[:k] if ms is not None]
         return known[-1] if known else 1.0
 
     def choose(self, k: int, confidence: torch.Tensor | None) -> int:

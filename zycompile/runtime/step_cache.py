@@ -17,6 +17,7 @@ parallelism (``runtime.step_cache``); elsewhere the runtime traces as before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -42,7 +43,8 @@ def step_cache_root() -> Path:
     return Path(os.environ.get("ZYCOMPILE_CACHE") or "~/.cache/zycompile").expanduser() / "steps"
 
 
-def _source_digest() -> str:
+@functools.cache
+def _source_digest() -> str:  # once per process: the package's files do not change under it
     h = hashlib.sha256()
     root = Path(zycompile.__file__).parent
     for p in sorted(root.rglob("*")):
@@ -87,20 +89,27 @@ def model_key(owner: Any, fn_name: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _signature(args: tuple) -> str:
+def _signature(args: tuple) -> tuple:
     """The argument structure a saved step was captured for: dtype and size per tensor, -1 where a
-    dimension is marked dynamic (one symbolic graph for all its sizes)."""
-    parts = []
+    dimension is marked dynamic (one symbolic graph for all its sizes). Built on every call: a plain
+    tuple, hashed into a file name only when saving or loading (``_stem``)."""
+    sig = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            dyn = set(getattr(a, "_dynamo_weak_dynamic_indices", ())) | set(
-                getattr(a, "_dynamo_dynamic_indices", ())
+            d = a.__dict__  # empty for an unmarked tensor: the common case costs nothing more
+            dyn = (
+                set(d.get("_dynamo_weak_dynamic_indices", ())) | set(d.get("_dynamo_dynamic_indices", ()))
+                if d
+                else ()
             )
-            shape = [-1 if i in dyn else s for i, s in enumerate(a.shape)]
-            parts.append(f"{a.dtype}{shape}{a.device.type}")
+            sig.append((a.dtype, tuple(-1 if i in dyn else n for i, n in enumerate(a.shape)), a.device.type))
         else:
-            parts.append(repr(a))
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+            sig.append(a)
+    return tuple(sig)
+
+
+def _stem(sig: tuple) -> str:
+    return hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
 
 
 _MARKS = (
@@ -159,7 +168,7 @@ class StepCache:
         self.fn, self.backend, self.owner = fn, backend, owner
         self.arg_names = arg_names
         self.dir = step_cache_root() / model_key(owner, fn.__name__)
-        self.entries: dict[str, list[Any]] = {}
+        self.entries: dict[tuple, list[Any]] = {}
         self.fallback: Callable | None = None
         self.loaded = self.saved = 0
 
@@ -187,9 +196,9 @@ class StepCache:
         self._save(sig, f, len(entries) - 1)
         return f(*full)
 
-    def _load(self, sig: str) -> list[Any]:
+    def _load(self, sig: tuple) -> list[Any]:
         out = []
-        for path in sorted(self.dir.glob(f"{sig}-*.bin")):
+        for path in sorted(self.dir.glob(f"{_stem(sig)}-*.bin")):
             try:
                 with open(path, "rb") as fh:
                     f = torch.compiler.load_compiled_function(fh)
@@ -231,12 +240,13 @@ class StepCache:
         f.disable_guard_check()
         return f
 
-    def _save(self, sig: str, f: Any, n: int) -> None:
+    def _save(self, sig: tuple, f: Any, n: int) -> None:
+        stem = _stem(sig)
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.dir / f".{sig}-{n}.{os.getpid()}.tmp"
+            tmp = self.dir / f".{stem}-{n}.{os.getpid()}.tmp"
             f.save_compiled_function(str(tmp))
-            tmp.replace(self.dir / f"{sig}-{n}.bin")  # atomic: a reader never sees half a file
+            tmp.replace(self.dir / f"{stem}-{n}.bin")  # atomic: a reader never sees half a file
             self.saved += 1
         except Exception as e:  # noqa: BLE001 — not savable: it still runs in this process
             log.warning("zycompile: could not save compiled step %s (%s)", self.fn.__name__, e)
