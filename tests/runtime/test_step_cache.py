@@ -117,3 +117,40 @@ def test_marks_split_signatures_and_strip_and_restore():
     assert not hasattr(marked, "_dynamo_weak_dynamic_indices") and removed
     step_cache._restore_marks(removed)
     assert marked._dynamo_weak_dynamic_indices == {1}
+
+
+def test_a_step_that_cannot_be_saved_is_traced_alone(monkeypatch, caplog, tmp_path):
+    """One graph whose capture fails (batch 4 here) is compiled by Dynamo; the other signatures keep
+    their saved steps instead of all falling back to a Dynamo re-trace (a prefill re-traced mid-run)."""
+    traced = []
+
+    class Saved:
+        def guard_check(self, *args):
+            return True
+
+        def __call__(self, owner, x):
+            return ("saved", x.shape[0])
+
+    def capture(self, args):
+        if args[0].shape[0] == 4:
+            raise AssertionError("expected OutputCode, got <class 'function'>")
+        return Saved()
+
+    def dynamo(fn, backend):
+        return lambda x: traced.append(x.shape[0]) or ("traced", x.shape[0])
+
+    monkeypatch.setattr(step_cache.StepCache, "_capture", capture)
+    monkeypatch.setattr(step_cache.StepCache, "_save", lambda self, sig, f, n: None)
+    monkeypatch.setattr(step_cache, "compile_step", dynamo)
+    monkeypatch.setattr(step_cache, "model_key", lambda owner, name: "model")
+    monkeypatch.setattr(step_cache, "step_cache_root", lambda: tmp_path)
+
+    def step(x):
+        return x
+
+    cache = step_cache.StepCache(step, None, SimpleNamespace(), ("x",))
+    with caplog.at_level("WARNING"):
+        got = [cache(torch.zeros(b, 2)) for b in (1, 4, 1, 8, 4)]
+    assert got == [("saved", 1), ("traced", 4), ("saved", 1), ("saved", 8), ("traced", 4)]
+    assert traced == [4, 4]
+    assert "[4, 2]" in caplog.text and "not saved" in caplog.text

@@ -265,6 +265,26 @@ def test_inductor_cpp_is_exact_m_and_split_n_keeps_one_copy():
     assert torch.get_num_threads() == threads  # the single-threaded workers left ours alone
 
 
+def test_inductor_cpp_prepares_inside_a_step_capture():
+    """The step cache captures graphs with ``aot_compile``, which bundles AOTAutograd cache entries; the
+    tuned_gemm pass prepares inductor_cpp kernels during that capture. The template's frozen graph is
+    not bundleable, so it must compile outside that mode (it failed every batch-4/8 decode capture)."""
+    import torch._functorch.config as functorch_config
+
+    from zycompile.tuning.candidates import _CAPTURE_AUTOGRAD_CACHE
+
+    capture = {k: True for k in _CAPTURE_AUTOGRAD_CACHE if hasattr(functorch_config, k)}
+    if "bundled_autograd_cache" not in capture:
+        pytest.skip("no bundled AOTAutograd cache in this torch")
+    w = torch.randn(96, 64)
+    with functorch_config.patch(capture):
+        state = CANDIDATES["inductor_cpp"].prepare(w, 4)
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(
+        CANDIDATES["inductor_cpp"].run(x, state, None), torch.nn.functional.linear(x, w)
+    )
+
+
 def test_plan_outlives_the_graphs_view_of_its_weight():
     """fuse_projections hands each graph a fresh view of the fused storage. The plan (its id in the graph,
     its prepacked copies) must outlive that view: a re-trace (torch._dynamo.reset(), a warm start) then

@@ -108,6 +108,15 @@ def _signature(args: tuple) -> tuple:
     return tuple(sig)
 
 
+def _describe(sig: tuple) -> str:
+    """The argument shapes of a signature, for messages: ``[1, -1] x [1, -1] x ...`` (-1: dynamic)."""
+    return (
+        "("
+        + ", ".join(str(list(a[1])) if isinstance(a, tuple) and len(a) == 3 else repr(a) for a in sig)
+        + ")"
+    )
+
+
 def _stem(sig: tuple) -> str:
     return hashlib.sha256(repr(sig).encode()).hexdigest()[:16]
 
@@ -169,13 +178,16 @@ class StepCache:
         self.arg_names = arg_names
         self.dir = step_cache_root() / model_key(owner, fn.__name__)
         self.entries: dict[tuple, list[Any]] = {}
+        # Signatures whose capture failed are traced by Dynamo; the others keep their saved steps (one
+        # failing graph used to send every later call, prefill included, back through a Dynamo re-trace).
+        self.traced: set[tuple] = set()
         self.fallback: Callable | None = None
         self.loaded = self.saved = 0
 
     def __call__(self, *args: Any) -> Any:
-        if self.fallback is not None:
-            return self.fallback(*args)
         sig = _signature(args)
+        if sig in self.traced:
+            return self.fallback(*args)
         entries = self.entries.get(sig)
         if entries is None:
             entries = self.entries[sig] = self._load(sig)
@@ -189,8 +201,16 @@ class StepCache:
         try:
             f = self._capture(args)
         except Exception as e:  # noqa: BLE001 — any capture failure: trace the usual way instead
-            log.warning("zycompile: step cache off for %s (%s); compiling with Dynamo", self.fn.__name__, e)
-            self.fallback = compile_step(self.fn, self.backend)
+            log.warning(
+                "zycompile: step %s %s not saved (%s: %s); compiling it with Dynamo",
+                self.fn.__name__,
+                _describe(sig),
+                type(e).__name__,
+                e,
+            )
+            self.traced.add(sig)
+            if self.fallback is None:
+                self.fallback = compile_step(self.fn, self.backend)
             return self.fallback(*args)
         entries.append(f)
         self._save(sig, f, len(entries) - 1)

@@ -75,7 +75,19 @@ class _Linear(torch.nn.Module):
         return (F.linear(x, self.w),)
 
 
+# What ``aot_compile`` (the step cache's capture) switches on for the graph it saves; an inner compile
+# must not inherit them (see _cpp_template_prepare).
+_CAPTURE_AUTOGRAD_CACHE = (
+    "bundled_autograd_cache",
+    "strict_autograd_cache",
+    "force_autograd_cache",
+    "bypass_autograd_cache_key",
+)
+
+
 def _cpp_template_prepare(w: torch.Tensor, m: int):
+    import torch._dynamo.config as dynamo_config
+    import torch._functorch.config as functorch_config
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
@@ -85,7 +97,18 @@ def _cpp_template_prepare(w: torch.Tensor, m: int):
     gm = torch.fx.symbolic_trace(_Linear(w))
     x = torch.zeros(m, w.shape[1], dtype=w.dtype, device=w.device)
     patches = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
-    with torch._guards.tracing(None), inductor_config.patch(patches), torch.no_grad():
+    # Not under an enclosing capture's cache settings: when the step cache saves a graph (aot_compile),
+    # AOTAutograd must bundle (strictly) every compile, and this frozen graph's compiled function is not
+    # a bundleable OutputCode: the capture of every graph with an inductor_cpp GEMM failed.
+    unbundled = {k: False for k in _CAPTURE_AUTOGRAD_CACHE if hasattr(functorch_config, k)}
+    precompile = {k: False for k in ("caching_precompile",) if hasattr(dynamo_config, k)}
+    with (
+        torch._guards.tracing(None),
+        inductor_config.patch(patches),
+        functorch_config.patch(unbundled),
+        dynamo_config.patch(precompile),
+        torch.no_grad(),
+    ):
         fn = compile_fx(gm, [x])
     return fn, w, m
 
