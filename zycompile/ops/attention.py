@@ -8,12 +8,15 @@ j <= i + (Tk - Tq), which is what a KV cache needs and equals SDPA's rule when T
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
+from zycompile.ops.library import define
 
-@torch.library.custom_op("zycompile::attention", mutates_args=())
-def attention(
+
+def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
 ) -> torch.Tensor:
     tq, tk = q.shape[-2], k.shape[-2]
@@ -33,9 +36,20 @@ def attention(
     ).contiguous()
 
 
-@attention.register_fake
-def _(q, k, v, mask, scale, causal):
+def _fake(q, k, v, mask, scale, causal):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+attention = define(
+    "attention",
+    "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> Tensor",
+    _attention,
+    _fake,
+)
+
+# The last mask _trim_masked_tail measured: (weak ref, version, keys kept). Every layer of a step gets the
+# same mask tensor, so the host-side scan (four small ops and a sync) runs once a step, not once a layer.
+_last_trim: tuple[weakref.ref, int, int] | None = None
 
 
 def _trim_masked_tail(k, v, mask):
@@ -44,8 +58,14 @@ def _trim_masked_tail(k, v, mask):
     Masked columns contribute exactly zero, so the result is the same attention; this only skips the
     reads. Host-side and data-dependent, hence CPU only (a GPU kernel skips empty blocks itself).
     """
-    cols = mask.reshape(-1, mask.shape[-1]).any(dim=0)
-    n = int(cols.nonzero().max()) + 1 if bool(cols.any()) else mask.shape[-1]
+    global _last_trim
+    hit = _last_trim
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        n = hit[2]
+    else:
+        cols = mask.reshape(-1, mask.shape[-1]).any(dim=0)
+        n = int(cols.nonzero().max()) + 1 if bool(cols.any()) else mask.shape[-1]
+        _last_trim = (weakref.ref(mask), mask._version, n)
     if n >= k.shape[-2]:
         return k, v, mask
     return k[..., :n, :], v[..., :n, :], mask[..., :n]

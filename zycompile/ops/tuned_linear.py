@@ -21,6 +21,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from zycompile.ops.library import define
 from zycompile.tuning.candidates import CANDIDATES, DEFAULT, Candidate, state_key
 
 
@@ -97,8 +98,7 @@ def install(pid: int, table: dict[int, str]) -> None:
     PLANS.setdefault(pid, Plan(None)).table.update(table)
 
 
-@torch.library.custom_op("zycompile::tuned_linear", mutates_args=())
-def tuned_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: int) -> torch.Tensor:
+def _tuned_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan: int) -> torch.Tensor:
     p = PLANS.get(plan)
     if p is None:
         return F.linear(x, w, b)
@@ -113,6 +113,10 @@ def tuned_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan:
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
-@tuned_linear.register_fake
-def _(x, w, b, plan):
+def _fake(x, w, b, plan):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+tuned_linear = define(
+    "tuned_linear", "(Tensor x, Tensor w, Tensor? b, int plan) -> Tensor", _tuned_linear, _fake
+)
