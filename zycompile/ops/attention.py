@@ -8,8 +8,6 @@ j <= i + (Tk - Tq), which is what a KV cache needs and equals SDPA's rule when T
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
@@ -47,10 +45,6 @@ attention = define(
     _fake,
 )
 
-# The last mask _trim_masked_tail measured: (weak ref, version, keys kept). Every layer of a step gets the
-# same mask tensor, so the host-side scan (four small ops and a sync) runs once a step, not once a layer.
-_last_trim: tuple[weakref.ref, int, int] | None = None
-
 
 def _trim_masked_tail(k, v, mask):
     """Drop trailing key columns no query may see (a static cache is mostly empty while decoding).
@@ -58,14 +52,8 @@ def _trim_masked_tail(k, v, mask):
     Masked columns contribute exactly zero, so the result is the same attention; this only skips the
     reads. Host-side and data-dependent, hence CPU only (a GPU kernel skips empty blocks itself).
     """
-    global _last_trim
-    hit = _last_trim
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-        n = hit[2]
-    else:
-        cols = mask.reshape(-1, mask.shape[-1]).any(dim=0)
-        n = int(cols.nonzero().max()) + 1 if bool(cols.any()) else mask.shape[-1]
-        _last_trim = (weakref.ref(mask), mask._version, n)
+    cols = mask.reshape(-1, mask.shape[-1]).any(dim=0)
+    n = int(cols.nonzero().max()) + 1 if bool(cols.any()) else mask.shape[-1]
     if n >= k.shape[-2]:
         return k, v, mask
     return k[..., :n, :], v[..., :n, :], mask[..., :n]
