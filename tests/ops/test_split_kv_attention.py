@@ -138,3 +138,26 @@ def test_cpu_causal_bool_mask_takes_the_causal_kernel_with_the_same_result():
         assert sdpa.call_args.kwargs["is_causal"] is fast
         assert (sdpa.call_args.kwargs["attn_mask"] is None) is fast
         torch.testing.assert_close(out, reference_attention(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_decode_batch_reads_each_rows_keys_only_when_lengths_differ(monkeypatch):
+    """A decode batch with one long request among short ones: one SDPA call per row, each over its own
+    visible keys; rows of about one length: one call over the longest row's keys. Same result."""
+    from unittest import mock
+
+    from zycompile.ops import attention as attn_mod
+
+    g = torch.Generator().manual_seed(5)
+    b, s = 4, 64
+    q = torch.randn(b, 4, 1, 8, generator=g)
+    k, v = (torch.randn(b, 2, s, 8, generator=g) for _ in range(2))
+    monkeypatch.setattr(attn_mod, "ROW_CALL_BYTES", 512)  # this test's keys are 64 B each
+    for lens, per_row in (([60, 5, 9, 3], True), ([20, 19, 20, 18], False)):
+        mask = (torch.arange(s)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
+        with mock.patch.object(
+            attn_mod.F, "scaled_dot_product_attention", wraps=attn_mod.F.scaled_dot_product_attention
+        ) as sdpa:
+            out = attention(q, k, v, mask, 0.3, False)
+        read = [c.args[1].shape[-2] for c in sdpa.call_args_list]
+        assert read == (lens if per_row else [max(lens)])
+        torch.testing.assert_close(out, reference_attention(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-5)

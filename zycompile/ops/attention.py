@@ -22,8 +22,13 @@ def _attention(
         if tq == tk > 1 and _is_causal(mask):  # a prefill chunk from position 0: the causal kernel
             mask, causal = None, True  # skips the blocks above the diagonal instead of masking them
         else:
-            k, v, mask = _trim_masked_tail(k, v, mask)
-            tk = k.shape[-2]
+            lens = _visible_keys(mask)
+            if _worth_per_row(q, k, lens):
+                return _per_row(q, k, v, mask, scale, lens)
+            n = max(lens) or mask.shape[-1]
+            if n < tk:  # drop the trailing key columns no query may see
+                k, v, mask = k[..., :n, :], v[..., :n, :], mask[..., :n]
+                tk = n
     if causal and tq != tk:
         keep = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
         mask = keep if mask is None else _and_masks(mask, keep, q.dtype)
@@ -32,6 +37,47 @@ def _attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     ).contiguous()
+
+
+# A CPU SDPA call's fixed cost (~25 µs here) in key/value bytes it could have read meanwhile (~30 GB/s).
+ROW_CALL_BYTES = 768 * 1024
+
+
+def _visible_keys(mask: torch.Tensor) -> list[int]:
+    """Per batch row of a boolean mask: 1 + the last key column any of its queries may see (0: none).
+
+    A static cache is mostly empty while decoding: columns past these contribute exactly zero, so
+    attention may skip reading them. Host-side and data-dependent, hence CPU only (a GPU kernel skips
+    empty blocks itself)."""
+    s = mask.shape[-1]
+    cols = mask.reshape(mask.shape[0], -1, s).any(1)
+    return (cols * torch.arange(1, s + 1, device=mask.device)).amax(1).tolist()
+
+
+def _worth_per_row(q: torch.Tensor, k: torch.Tensor, lens: list[int]) -> bool:
+    """Whether one SDPA call per batch row beats one call over the longest row's keys: the rows'
+    lengths differ by more key/value bytes than the extra calls cost (one long request among short
+    ones in a decode batch makes every row read its keys)."""
+    if len(lens) < 2 or len(lens) != q.shape[0] or min(lens) == 0:
+        return False
+    per_key = 2 * k.shape[1] * k.shape[-1] * k.element_size()
+    return (len(lens) * max(lens) - sum(lens)) * per_key > len(lens) * ROW_CALL_BYTES
+
+
+def _per_row(q, k, v, mask, scale, lens) -> torch.Tensor:
+    gqa = q.shape[1] != k.shape[1]
+    out = [
+        F.scaled_dot_product_attention(
+            q[i : i + 1],
+            k[i : i + 1, :, :n],
+            v[i : i + 1, :, :n],
+            attn_mask=mask[i : i + 1, ..., :n],
+            scale=scale,
+            enable_gqa=gqa,
+        )
+        for i, n in enumerate(lens)
+    ]
+    return torch.cat(out).contiguous()
 
 
 def _fake(q, k, v, mask, scale, causal):
@@ -44,19 +90,6 @@ attention = define(
     _attention,
     _fake,
 )
-
-
-def _trim_masked_tail(k, v, mask):
-    """Drop trailing key columns no query may see (a static cache is mostly empty while decoding).
-
-    Masked columns contribute exactly zero, so the result is the same attention; this only skips the
-    reads. Host-side and data-dependent, hence CPU only (a GPU kernel skips empty blocks itself).
-    """
-    cols = mask.reshape(-1, mask.shape[-1]).any(dim=0)
-    n = int(cols.nonzero().max()) + 1 if bool(cols.any()) else mask.shape[-1]
-    if n >= k.shape[-2]:
-        return k, v, mask
-    return k[..., :n, :], v[..., :n, :], mask[..., :n]
 
 
 def _is_causal(mask: torch.Tensor) -> bool:
