@@ -31,11 +31,13 @@ CHILD = textwrap.dedent(
     from zycompile.ops.tuned_linear import PLANS
     opt = zycompile.optimize(None, json.loads(sys.argv[1]))
     gen = opt.generator()
+    said = []
+    gen.on_compile = said.append
     out = gen.generate([json.loads(sys.argv[2])], max_new_tokens=6, ignore_eos=True)
     st = gen.compiled_step
     print("RESULT " + json.dumps(
         {"tokens": out.tokens, "loaded": st.loaded, "saved": st.saved, "traced": len(opt.compile_report().graphs),
-         "plans_used": sum(1 for p in PLANS.values() if p.table and p.states)}
+         "plans_used": sum(1 for p in PLANS.values() if p.table and p.states), "said": said}
     ))
     """
 )
@@ -81,11 +83,13 @@ def test_new_process_loads_saved_steps_and_generates_the_same_tokens(tmp_path):
     cold = child(data, cache)
     assert cold["tokens"] == want
     assert cold["loaded"] == 0 and cold["saved"] >= 2 and cold["traced"] == cold["saved"]
+    assert cold["said"] and all(m.startswith("compiling ") for m in cold["said"])
 
     warm = child(data, cache)
     assert warm["tokens"] == want
     assert warm["loaded"] == cold["saved"] and warm["saved"] == 0
     assert warm["traced"] == 0  # no graph reached the backend: Dynamo traced nothing
+    assert [m.replace("loading saved ", "compiling ") for m in warm["said"]] == cold["said"]
     assert warm["plans_used"] == cold["plans_used"] > 0  # tuned_gemm's plans came back and ran
 
     files = sorted(cache.rglob("*.bin"))

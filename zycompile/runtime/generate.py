@@ -130,7 +130,9 @@ class Generator:
             self.seen_shapes.add(key)
             if self.on_compile:
                 kind = "decode" if key[1] == 1 else "prefill"
-                self.on_compile(f"compiling {kind} graph for batch {key[0]} x {key[1]} tokens")
+                saved = getattr(self.compiled_step, "has_saved", None)
+                verb = "loading saved" if saved and saved(input_ids, pos, last, rows, keys) else "compiling"
+                self.on_compile(f"{verb} {kind} graph for batch {key[0]} x {key[1]} tokens")
         with torch.no_grad():
             return self.compiled_step(input_ids, pos, last, rows, keys)
 

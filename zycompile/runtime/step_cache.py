@@ -216,6 +216,11 @@ class StepCache:
         self._save(sig, f, len(entries) - 1)
         return f(*full)
 
+    def has_saved(self, *args: Any) -> bool:
+        """Whether a saved step exists for these arguments (one failing its guards is still rebuilt)."""
+        sig = _signature(args)
+        return bool(self.entries.get(sig)) or any(self.dir.glob(f"{_stem(sig)}-*.bin"))
+
     def _load(self, sig: tuple) -> list[Any]:
         out = []
         for path in sorted(self.dir.glob(f"{_stem(sig)}-*.bin")):
