@@ -99,7 +99,7 @@ def attention_lse(
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=mask, scale=scale
         )
-    o, lse = partial_attention(q, k, v, None if mask is None else mask, scale, causal)
+    o, lse = partial_attention(q, k, v, mask, scale, causal)
     return o.to(q.dtype), lse
 
 

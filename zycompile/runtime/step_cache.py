@@ -10,8 +10,8 @@ instead of tracing.
 
 Guards: only those on the step's tensor arguments (shapes, dtypes, strides), the symbolic shape
 ranges and global state (grad mode) are kept; the model is frozen after ``optimize``, as in ``compile_step``. The directory
-key covers the rest. A step that cannot be captured or saved (a graph break, an unsavable graph)
-falls back to ``compile_step`` for good, with a warning. Used for CPU Inductor lowering with no
+key covers the rest. A step that cannot be captured (a graph break, an unsavable graph) is traced by
+``compile_step`` instead, with a warning; the other steps stay saved. Used for CPU Inductor lowering with no
 parallelism (``runtime.step_cache``); elsewhere the runtime traces as before.
 """
 
@@ -188,9 +188,7 @@ class StepCache:
         sig = _signature(args)
         if sig in self.traced:
             return self.fallback(*args)
-        entries = self.entries.get(sig)
-        if entries is None:
-            entries = self.entries[sig] = self._load(sig)
+        entries = self._entries(sig)
         full = (self.owner, *args)
         if entries:
             marks = _strip_marks(args)
@@ -218,8 +216,14 @@ class StepCache:
 
     def has_saved(self, *args: Any) -> bool:
         """Whether a saved step exists for these arguments (one failing its guards is still rebuilt)."""
-        sig = _signature(args)
-        return bool(self.entries.get(sig)) or any(self.dir.glob(f"{_stem(sig)}-*.bin"))
+        return bool(self._entries(_signature(args)))
+
+    def _entries(self, sig: tuple) -> list[Any]:
+        """The steps held for ``sig``, read from disk the first time it is asked for."""
+        entries = self.entries.get(sig)
+        if entries is None:
+            entries = self.entries[sig] = self._load(sig)
+        return entries
 
     def _load(self, sig: tuple) -> list[Any]:
         out = []
