@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CANDIDATE",
         help="a candidate not to time, e.g. inductor_cpp (compiles a kernel per shape; repeatable)",
     )
+    tune.add_argument(
+        "--m",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="M",
+        help="also tune these row counts for every weight, e.g. speculative verify widths k+1 (--m 3 5)",
+    )
+    tune.add_argument(
+        "--new-only", action="store_true", help="time only the shapes the database does not hold yet"
+    )
     tune.set_defaults(func=cmd_tune)
 
     recipe = sub.add_parser("recipe", help="check or show recipes")
@@ -145,7 +156,15 @@ def cmd_tune(args) -> int:
     if recipe.runtime.threads:
         torch.set_num_threads(recipe.runtime.threads)
     say = lambda msg: print(f"[zycompile] {msg}", file=sys.stderr, flush=True)  # noqa: E731
-    db, rows = tune(recipe, args.out, progress=progress_bar(), log=say, skip=tuple(args.skip))
+    db, rows = tune(
+        recipe,
+        args.out,
+        progress=progress_bar(),
+        log=say,
+        skip=tuple(args.skip),
+        extra_m=tuple(args.m),
+        new_only=args.new_only,
+    )
     print("\n".join(summary_lines(rows)))
     say(f"wrote {len(db.entries)} entries to {db.source}")
     return 0

@@ -213,6 +213,12 @@ def test_cli_tune_writes_a_database_and_a_table(tmp_path, capsys, monkeypatch):
     assert "35/35" in text.err
     entries = tdb.load_checked(out).entries
     assert len(entries) == 35 and all("inductor_cpp" not in e.times_ms for e in entries.values())
+    assert main([*args, "--m", "3", "--new-only"]) == 0  # a verify width: only its shapes are timed
+    text = capsys.readouterr()
+    assert "35 shape(s) already in" in text.err and "| 3 x 128 x 64 float32 row |" in text.out
+    added = set(tdb.load_checked(out).entries) - set(entries)
+    assert added and {s.m for s in added} == {3} and "| 4 x 128 x 64" not in text.out
+    assert main([*args, "--m", "0"]) == 2 and "--m 0: expected row counts >= 1" in capsys.readouterr().err
     assert main(args) == 0  # updates the same file
     other = tdb.TuningDB.load(out)
     other.validators["torch"] = "0.0"
@@ -337,3 +343,33 @@ def test_retrace_gives_the_same_plan_ids(tmp_path, monkeypatch):
     gen.seen_shapes.clear()
     assert gen.generate([[1, 5, 9, 13, 2]], max_new_tokens=4).tokens == want
     assert first and seen == first
+
+
+def test_an_untuned_m_borrows_the_nearest_tuned_m_any_m_winner(tmp_path):
+    # A verify width (M = 3 here) no bucket runs: the nearest tuned M within 2x (M = 2) lends its fastest
+    # candidate that serves any M; its one-M kernel (inductor_cpp, the winner) cannot run at M = 3.
+    model = load_model("tiny:llama").model
+    ref_model = load_model("tiny:llama").model
+    shapes = [s for s in collect(recipe(), model) if s.m == 2]
+    db = forced_db(shapes, "inductor_cpp")
+    for s in shapes:
+        db.entries[s].times_ms["onednn_packed"] = 1.5
+    path = db.save(tmp_path / "db.yaml")
+    for m, swapped in ((3, 9), (5, 0)):  # M = 5 is 2.5x the nearest tuned M: left alone
+        torch._dynamo.reset()
+        opt = zycompile.optimize(model, recipe(path))
+        ids = torch.randint(0, 512, (m, 1), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(
+                opt(input_ids=ids, use_cache=False).logits,
+                ref_model(input_ids=ids, use_cache=False).logits,
+                rtol=1e-4,
+                atol=1e-4,
+            )
+        rec = next(r for r in opt.compile_report().passes if r.name == "tuned_gemm")
+        assert rec.matches == swapped
+        if swapped:
+            assert "onednn_packed x9" in rec.notes[1]
+            assert any("nearest tuned M" in n and f"M={m} " in n and "from M=2" in n for n in rec.notes)
+        else:
+            assert "not in db 9" in rec.notes[0]

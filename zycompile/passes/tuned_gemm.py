@@ -10,10 +10,12 @@ After (the database says oneDNN on a prepacked weight wins at M=4)::
 
 The plan (``zycompile/ops/tuned_linear.py``) maps M to a candidate and holds the candidate's state: a
 prepacked oneDNN copy of the weight is a second copy of it, counted in the notes (``extra weight
-memory``). A static graph is swapped only where its exact M is in the database and the winner beat
-the default; a symbolic-length prefill graph uses the nearest tuned M of that weight at run time.
+memory``). A static graph is swapped where its exact M is in the database and the winner beat the
+default; a static M the database lacks (a speculative verify width k + 1 no bucket runs) takes the
+fastest candidate that serves any M at the nearest tuned M of that weight, within 2x (noted); a symbolic-length
+prefill graph uses the nearest tuned M of that weight at run time.
 ``weight_copies: false`` limits the choice to candidates that keep one copy (e.g. oneDNN on the plain
-weight). Shapes not in the database keep the default and are counted ("not in database"). M = 1 GEMMs that
+weight). Weights not in the database keep the default and are counted ("not in database"). M = 1 GEMMs that
 Inductor's ``decompose_mm_pass`` turns into fused reductions are left to it.
 
 ``db: auto`` reads $ZYCOMPILE_CACHE/tuning/<device>.yaml, else the database shipped in
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -47,7 +50,8 @@ log = logging.getLogger("zycompile")
 TUNED_LINEAR = torch.ops.zycompile.tuned_linear.default
 _LOADED: dict[tuple[str, float], tdb.TuningDB] = {}
 _HANDED: dict[str, str | None] = {}  # database file -> what hand_back did with its TunableOp solutions
-_SKIPPED: set[tuple[str, float]] = set()  # shipped files whose validators do not match this machine
+_SKIPPED: set[tuple[str, float]] = set()
+NEAREST_RATIO = 2.0  # an untuned static M borrows a tuned M's choice at most this far off  # shipped files whose validators do not match this machine
 
 
 def resolve_db(opts, device: torch.device) -> tdb.TuningDB | None:
@@ -138,6 +142,7 @@ class TunedGemmPass(GraphPass):
         if db is None:
             notes.append(db_missing_note(device))
         counts = dict(swapped=0, default_fastest=0, not_in_db=0, below_min_m=0, decompose_mm=0, untunable=0)
+        self.nearest: list[str] = []
         used: dict[str, int] = {}
         missing: set[str] = set()
         extra = 0
@@ -186,6 +191,8 @@ class TunedGemmPass(GraphPass):
             notes.insert(2, f"extra weight memory (prepacked/re-laid copies): {extra / 1e6:.1f} MB")
         if missing:
             notes.append("not in database: " + "; ".join(sorted(missing)[:8]))
+        if self.nearest:
+            notes.append("untuned M, nearest tuned M's any-M winner: " + "; ".join(sorted(self.nearest)[:8]))
         if db is not None:
             notes.append(f"database: {db.source}")
             if db.source not in _HANDED:  # once per file and process: TunableOp's table is global
@@ -201,14 +208,28 @@ class TunedGemmPass(GraphPass):
         """M -> candidate for this site (empty: not in the database)."""
         if db is None:
             return {}
+        dtype = getattr(torch, shape.dtype)
+        if m is not None and db.lookup(shape) is None:
+            near = self._nearest(db, shape, m)
+            if near is None:
+                return {}
+            # This M was never timed (a verify width k + 1 no bucket runs): the nearest tuned M's
+            # fastest candidate that serves any M, which beats leaving the GEMM to the default.
+            self.nearest.append(f"M={m} N={shape.n} K={shape.k} from M={near}")
+            return {m: self._choose(db.lookup(dataclasses.replace(shape, m=near)), db.margin, dtype, True)}
         entries = (
             {m: db.lookup(shape)}
             if m is not None
             else {k: e for k, e in db.family(shape).items() if k > 1}  # a prefill graph has M >= 2
         )
         entries = {k: e for k, e in entries.items() if k >= self.opts.min_m}
-        dtype = getattr(torch, shape.dtype)
         return {k: self._choose(e, db.margin, dtype, m is None) for k, e in entries.items() if e is not None}
+
+    def _nearest(self, db, shape, m: int) -> int | None:
+        """The tuned M of this weight closest to ``m`` in ratio (ties: the larger), at least ``min_m``
+        and within ``NEAREST_RATIO`` of it: farther off, the timing says little about this M."""
+        ms = [k for k in db.family(shape) if k >= self.opts.min_m and max(k / m, m / k) <= NEAREST_RATIO]
+        return min(ms, key=lambda k: (abs(math.log(k / m)), -k)) if ms else None
 
     def _choose(self, entry, margin: float, dtype: torch.dtype, dynamic: bool) -> str:
         """The database's winner, or with ``weight_copies: false`` the fastest candidate that keeps one

@@ -123,9 +123,13 @@ def collection_recipe(recipe):
 
 
 def collect(
-    recipe, model: torch.nn.Module | None = None, progress: Callable[[str], None] | None = None
+    recipe,
+    model: torch.nn.Module | None = None,
+    progress: Callable[[str], None] | None = None,
+    extra_m: tuple[int, ...] = (),
 ) -> list[GemmShape]:
-    """Every distinct GEMM shape of ``recipe``'s prefill and decode graphs, sorted."""
+    """Every distinct GEMM shape of ``recipe``'s prefill and decode graphs, sorted; ``extra_m`` adds
+    those row counts for every weight (e.g. speculative verify widths k + 1, which no bucket runs)."""
     import zycompile
     from zycompile.backend import ZyBackend
 
@@ -150,6 +154,7 @@ def collect(
             pos = torch.arange(t, device=gen.device).expand(b, t).contiguous()
             gen.step(ids, pos, torch.full((b,), t - 1, device=gen.device))
     torch._dynamo.reset()
+    shapes |= {dataclasses.replace(s, m=m) for s in shapes for m in extra_m}
     # GEMMs the pass leaves alone (``min_m``: e.g. batch-1/2 GEMVs kept for ``small_gemm``) need no timing.
     min_m = next((p.options.min_m for p in recipe.passes if p.name == "tuned_gemm"), 1)
     return sorted(s for s in shapes if s.m >= min_m)

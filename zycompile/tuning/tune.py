@@ -83,9 +83,16 @@ def tune(
     progress: Callable[[int, int, str], None] | None = None,
     log: Callable[[str], None] | None = None,
     skip: tuple[str, ...] = (),
+    extra_m: tuple[int, ...] = (),
+    new_only: bool = False,
 ) -> tuple[tdb.TuningDB, list[Row]]:
     """Tune every GEMM of ``recipe`` (a Recipe); save to ``out`` (default: the ``db: auto`` path).
-    ``skip``: candidate names not to time (e.g. ``inductor_cpp``, which compiles a kernel per shape)."""
+    ``skip``: candidate names not to time (e.g. ``inductor_cpp``, which compiles a kernel per shape).
+    ``extra_m``: row counts to tune for every weight besides the buckets' (speculative verify widths).
+    ``new_only``: time only the shapes the database does not hold yet."""
+    bad = [m for m in extra_m if m < 1]
+    if bad:
+        raise ZyError(f"--m {bad[0]}: expected row counts >= 1")
     for name in skip:
         if name not in CANDIDATES or name == DEFAULT:
             why = "the default cannot be skipped" if name == DEFAULT else "no such candidate"
@@ -98,11 +105,16 @@ def tune(
     device = next(model.parameters()).device
     out = Path(out) if out else tdb.default_path(device)
     db = open_db(out, device)
-    shapes = collect(recipe, model, progress=log)
+    shapes = collect(recipe, model, progress=log, extra_m=tuple(extra_m))
     left = [s for s in shapes if decomposed_by_inductor(recipe.lowering, s)]
     shapes = [s for s in shapes if s not in left]
     if log and left:
         log(f"{len(left)} M=1 GEMM shape(s) left to Inductor's decompose_mm_pass (not tuned)")
+    if new_only:
+        held = [s for s in shapes if db.lookup(s) is not None]
+        shapes = [s for s in shapes if db.lookup(s) is None]
+        if log:
+            log(f"{len(held)} shape(s) already in {out}, {len(shapes)} to time")
     rows = tune_shapes(shapes, db, cfg, progress, device, skip)
     db.save(out)
     return db, rows
