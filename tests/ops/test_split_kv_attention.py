@@ -161,3 +161,46 @@ def test_cpu_decode_batch_reads_each_rows_keys_only_when_lengths_differ(monkeypa
         read = [c.args[1].shape[-2] for c in sdpa.call_args_list]
         assert read == (lens if per_row else [max(lens)])
         torch.testing.assert_close(out, reference_attention(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_decode_mask_is_dropped_only_where_every_query_sees_every_kept_key():
+    """A decode step's mask is a prefix per row: once the empty cache tail is cut off nothing is left
+    to mask, so SDPA gets none. A left-padded row, a verify block's triangle, an all-masked row or
+    uneven rows in one call keep it. Same result either way."""
+    from unittest import mock
+
+    from zycompile.ops import attention as attn_mod
+
+    g = torch.Generator().manual_seed(7)
+    s = 32
+    keys = torch.arange(s)
+
+    def prefix(lens, tq=1):  # query i of a row of length n sees keys < n - tq + 1 + i
+        pos = torch.tensor(lens)[:, None] - tq + torch.arange(tq)
+        return (keys[None, None, :] <= pos[:, :, None])[:, None]
+
+    padded = prefix([9, 9])
+    padded[1, ..., :3] = False  # row 1 left-padded by 3
+    empty = prefix([9, 9])
+    empty[1] = False
+    cases = [
+        (prefix([9]), [None]),
+        (prefix([9, 9, 9]), [None]),
+        (prefix([9, 7, 9]), ["mask"]),  # one call over 9 keys: row 1 must not see keys 7, 8
+        (padded, ["mask"]),
+        (prefix([12], tq=4), ["mask"]),  # a verify block: causal within it
+        (empty, ["mask"]),
+    ]
+    for mask, want in cases:
+        b, tq = mask.shape[0], mask.shape[2]
+        q = torch.randn(b, 4, tq, 8, generator=g)
+        k, v = (torch.randn(b, 2, s, 8, generator=g) for _ in range(2))
+        with mock.patch.object(
+            attn_mod.F, "scaled_dot_product_attention", wraps=attn_mod.F.scaled_dot_product_attention
+        ) as sdpa:
+            out = attention(q, k, v, mask, 0.3, False)
+        got = [None if c.kwargs["attn_mask"] is None else "mask" for c in sdpa.call_args_list]
+        assert got == want, mask.shape
+        seen = mask.reshape(b, -1).any(1)  # a row that sees no key has no defined output
+        ref = reference_attention(q, k, v, mask, 0.3)
+        torch.testing.assert_close(out[seen], ref[seen], rtol=1e-5, atol=1e-5)
