@@ -75,7 +75,7 @@ def main() -> None:
                 timed(lambda: dr.draft(feat[:, :1], ids[:, :1], pos[:, :1], zero), args.repeats),
             )
         )
-        rows.append((f"  (draft vocabulary: {dr.head.vocab_ids.numel()} tokens)", float("nan")))
+        rows.append((f"  (draft vocabulary: {dr.head.vocab_ids.numel()} tokens)", None))
     ctx = [list(range(1000, 1000 + p))]
     ng = NgramDrafter(3, 1)
     rows.append(
@@ -91,7 +91,7 @@ def main() -> None:
     )
     print("| piece | ms | vs plain step |\n|---|---|---|")
     for name, ms in rows:
-        print(f"| {name} | {ms:.2f} | {ms / plain:.2f}x |")
+        print(f"| {name} | | |" if ms is None else f"| {name} | {ms:.2f} | {ms / plain:.2f}x |")
 
 
 if __name__ == "__main__":
