@@ -35,9 +35,11 @@ def test_bench_tiny_random_writes_all_outputs(tmp_path, capsys):
             assert m["completed"] == 4 and m["output_tokens"] == 20
             assert m["ttft_median_ms"] > 0 and m["output_throughput"] > 0 and 0 < m["mbu"]
             assert len(data["requests"][system][c]) == 4
+            assert (0 < m.get("prefill_mfu", 0) < 1) == (c == "1")  # TTFT is prefill alone at c=1 only
+    assert data["matmul_peak_flop_s"] > 1e8
     table = capsys.readouterr().out
     assert "aggregate tok/s c=2" in table and "zycompile" in table
-    assert "| zycompile |" in md.read_text()
+    assert "| zycompile |" in md.read_text() and "prefill MFU" in md.read_text()
 
 
 def test_bench_rejects_concurrency_beyond_slots(capsys):

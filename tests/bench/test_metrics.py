@@ -53,3 +53,34 @@ def test_poisson_mean_rate():
 def test_bad_rate():
     with pytest.raises(ValueError, match="request-rate"):
         arrival_times(3, "interval", 0.0)
+
+
+def test_prefill_mfu_is_prefill_flops_over_ttft_over_peak():
+    from zycompile.bench.metrics import prefill_mfu
+
+    a = RequestTiming(arrival=0.0, token_times=[0.5, 0.6], prompt_len=10)
+    b = RequestTiming(arrival=0.0, token_times=[0.25], prompt_len=20)
+    flops = {10: 100.0, 20: 400.0}
+    # a: 100 / 0.5 / 1000 = 0.2; b: 400 / 0.25 / 1000 = 1.6; median of two = their mean
+    assert prefill_mfu([a, b], flops, 1000.0) == pytest.approx(0.9)
+
+
+def test_prefill_flops_counts_linears_causal_attention_and_one_head_row():
+    from zycompile.models import load_model
+    from zycompile.runtime.metrics import prefill_flops
+
+    model = load_model("tiny:llama").model
+    c = model.config
+    d, f, h, kv, layers, v = (
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.num_hidden_layers,
+        c.vocab_size,
+    )
+    hd = d // h
+    per_layer = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f  # q, k, v, o, gate/up/down
+    t = 7
+    want = 2 * layers * per_layer * t + 2 * 2 * layers * h * hd * (t * (t + 1) / 2) + 2 * v * d
+    assert prefill_flops(model, t) == pytest.approx(want)

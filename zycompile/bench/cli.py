@@ -66,7 +66,13 @@ def cmd_bench(args) -> int:
     from zycompile.bench.workload import build_workload
     from zycompile.errors import ZyError
     from zycompile.models import load_model
-    from zycompile.runtime.metrics import kv_bytes_per_token, measure_read_bandwidth, weight_bytes_per_token
+    from zycompile.runtime.metrics import (
+        kv_bytes_per_token,
+        measure_matmul_peak,
+        measure_read_bandwidth,
+        prefill_flops,
+        weight_bytes_per_token,
+    )
 
     cs = sorted(set(args.max_concurrency))
     if cs[0] < 1:
@@ -106,6 +112,13 @@ def cmd_bench(args) -> int:
     wbytes = weight_bytes_per_token(opt.model)
     ctx = sum(len(it.prompt_ids) + it.output_len / 2 for it in items) / len(items)
     kv = kv_bytes_per_token(opt.model.config, ctx, gen.dtype)
+    # Prefill MFU at c=1 (TTFT is then prefill alone): a whole-model count, so one process only.
+    peak = (
+        measure_matmul_peak(gen.device.type, gen.dtype)
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1
+        else None
+    )
+    flops = {n: prefill_flops(opt.model, n) for n in {len(it.prompt_ids) for it in items}}
     machine = machine_line()
     log(machine)
 
@@ -146,6 +159,8 @@ def cmd_bench(args) -> int:
             steps_per_s = m["output_throughput"] / c
             m["mbu"] = (wbytes + c * kv) * steps_per_s / bandwidth
             m["tokens_per_dollar"] = metrics.tokens_per_dollar(m["output_throughput"], price)
+            if c == 1 and peak:
+                m["prefill_mfu"] = metrics.prefill_mfu(t, flops, peak)
             results[system][c], timings[system][c] = m, t
         if system == "zycompile" and len(opt.compile_report().graphs) != graphs_before:
             log("warning: zycompile compiled during the timed run (a shape was not warmed up)")
@@ -158,7 +173,8 @@ def cmd_bench(args) -> int:
         f"(hash {recipe.compute_hash()}); {len(items)} {args.dataset} prompts "
         f"(mean prompt {sum(len(i.prompt_ids) for i in items) / len(items):.0f} tokens, mean output "
         f"{sum(i.output_len for i in items) / len(items):.0f}), arrivals {args.arrival}; read bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s; price {args.price_key}={price} $/h"
+        f"{bandwidth / 1e9:.1f} GB/s; {gen.dtype} matmul peak "
+        f"{(peak or float('nan')) / 1e9:.0f} GFLOP/s; price {args.price_key}={price} $/h"
     )
     md = report.markdown(results, cs, header)
     payload = {
@@ -167,6 +183,7 @@ def cmd_bench(args) -> int:
         "recipe_hash": recipe.compute_hash(),
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "bandwidth_bytes_s": bandwidth,
+        "matmul_peak_flop_s": peak,
         "results": results,
         "requests": {
             s: {

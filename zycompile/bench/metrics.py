@@ -79,3 +79,10 @@ def tokens_per_dollar(output_throughput: float, price_per_hour: float | None) ->
     if not price_per_hour:
         return None
     return output_throughput * 3600.0 / price_per_hour
+
+
+def prefill_mfu(timings: list[RequestTiming], flops_by_len: dict[int, float], peak: float) -> float:
+    """Median over requests of prefill FLOPs / TTFT / peak FLOP/s: how close time to first token comes
+    to the machine's compute ceiling (meaningful where TTFT is prefill alone: concurrency 1)."""
+    done = [t for t in timings if t.token_times and t.ttft > 0]
+    return _pct([flops_by_len[t.prompt_len] / t.ttft / peak for t in done], 0.5)

@@ -37,15 +37,15 @@ def markdown(results: dict[str, dict[int, dict[str, float]]], concurrencies: lis
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     lines.append("")
     lines.append(
-        "| system | c | TTFT mean / median / p99 (ms) | TPOT median (ms) | ITL p99 (ms) | req/s | MBU | tokens per $ |"
+        "| system | c | TTFT mean / median / p99 (ms) | TPOT median (ms) | ITL p99 (ms) | req/s | MBU | prefill MFU | tokens per $ |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for system, by_c in results.items():
         for c, m in by_c.items():
             lines.append(
                 f"| {system} | {c} | {_fmt(m.get('ttft_mean_ms'))} / {_fmt(m.get('ttft_median_ms'))} / "
                 f"{_fmt(m.get('ttft_p99_ms'))} | {_fmt(m.get('tpot_median_ms'))} | {_fmt(m.get('itl_p99_ms'))} | "
-                f"{_fmt(m.get('request_throughput'), 2)} | {_pct(m.get('mbu'))} | {_fmt(m.get('tokens_per_dollar'), 0)} |"
+                f"{_fmt(m.get('request_throughput'), 2)} | {_pct(m.get('mbu'))} | {_pct(m.get('prefill_mfu'))} | {_fmt(m.get('tokens_per_dollar'), 0)} |"
             )
     spec = [(s, c, m) for s, by_c in results.items() for c, m in by_c.items() if "spec_acceptance_rate" in m]
     if spec:

@@ -58,3 +58,41 @@ def measure_read_bandwidth(device: str = "cpu", nbytes: int = 512 << 20, repeats
 
 def mbu(bytes_per_step: float, steps_per_s: float, bandwidth: float) -> float:
     return bytes_per_step * steps_per_s / bandwidth
+
+
+def prefill_flops(model: torch.nn.Module, prompt_len: int) -> float:
+    """FLOPs of prefilling one ``prompt_len``-token prompt: every linear but the LM head once per token,
+    causal attention's two products, and the LM head for the last token only (what TTFT waits for).
+    A dense count: an MoE model's linears are all counted, as if every expert ran."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
+    )
+    text = (
+        model.config.get_text_config(decoder=True)
+        if hasattr(model.config, "get_text_config")
+        else model.config
+    )
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    pairs = prompt_len * (prompt_len + 1) / 2  # query-key pairs under a causal mask
+    attn = 2 * 2 * text.num_hidden_layers * text.num_attention_heads * head_dim * pairs
+    return 2 * linear * prompt_len + attn + (2 * head.weight.numel() if head is not None else 0)
+
+
+@functools.lru_cache(maxsize=4)
+def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32, repeats: int = 3) -> float:
+    """FLOP/s of a large square matmul in ``dtype`` (2048 on CPU, 8192 on GPU), best of ``repeats``:
+    the compute ceiling a prefill (TTFT) can approach on this machine."""
+    n = 2048 if device == "cpu" else 8192
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
