@@ -50,6 +50,12 @@ def test_attention_lse_and_online_merge_match_the_stacked_merge():
     for got in (merge_online(*first, *second), merge_pair(*first, *second)):
         torch.testing.assert_close(got[0], whole[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1], whole[1], rtol=1e-5, atol=1e-5)
+    # a part that saw no key (lse -inf, output 0) weighs nothing; two such parts merge to one
+    blind = (torch.zeros_like(first[0]), torch.full_like(first[1], float("-inf")))
+    for a, b, want in ((first, blind, first), (blind, first, first), (blind, blind, blind)):
+        for got in (merge_online(*a, *b), merge_pair(*a, *b)):
+            torch.testing.assert_close(got[0].float(), want[0].float(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
     # causal is top-left: on a square block it is plain causal attention
     sq = attention_lse(q, k[:, :, :5], v[:, :, :5], SCALE, True)[0]
     ref = F.scaled_dot_product_attention(

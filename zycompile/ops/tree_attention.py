@@ -80,11 +80,14 @@ def merge_online(
     o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``merge_pair`` without stacking (float32 result): for callers that merge many partials of one
-    query block in turn and must not hold two copies of it. Both parts need a visible key (finite lse)."""
+    query block in turn and must not hold two copies of it. A part that saw no key (lse -inf) weighs
+    nothing, as in ``merge_partials``."""
     m = torch.maximum(lse1, lse2)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w1, w2 = torch.exp(lse1 - m), torch.exp(lse2 - m)
     den = w1 + w2
-    o = (o1.float() * (w1 / den).unsqueeze(-1)).add_(o2.float() * (w2 / den).unsqueeze(-1))
+    safe = den.clamp_min(_TINY)
+    o = (o1.float() * (w1 / safe).unsqueeze(-1)).add_(o2.float() * (w2 / safe).unsqueeze(-1))
     return o, m + torch.log(den)
 
 
