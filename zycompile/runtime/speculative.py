@@ -26,10 +26,10 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
-from zycompile.runtime.compiled import compile_step
 from zycompile.runtime.draft_length import DraftLength
 from zycompile.runtime.generate import bucket_for
 from zycompile.runtime.sampling import SamplingParams, probabilities, sample
+from zycompile.runtime.step_cache import compile_cached_step
 
 GREEDY = SamplingParams()
 
@@ -166,7 +166,12 @@ class Speculator:
         self.gen, self.spec = gen, spec
         self.k = spec.num_tokens
         self.stats = SpecStats()
-        self.compiled_forward = compile_step(self._forward, gen.opt.backend)
+        # Saved to disk like the Generator's steps (a new process loads its verify graphs, no trace);
+        # the step cache keys them by this owner's model and recipe.
+        self.model, self.recipe, self.device = gen.model, gen.recipe, gen.device
+        self.compiled_forward = compile_cached_step(
+            self._forward, gen.opt.backend, self, ("ids", "pos", "last", "rows", "keys")
+        )
         self.seen_shapes: set[tuple] = set()
         self.drafter = build_drafter(gen, spec)
         self.length = (
@@ -201,7 +206,9 @@ class Speculator:
             self.seen_shapes.add(key)
             if self.gen.on_compile:
                 what = f"verify graph for k={ids.shape[1] - 1}" if last is None else "prefill graph (hidden)"
-                self.gen.on_compile(f"compiling {what}, batch {ids.shape[0]} x {ids.shape[1]} tokens")
+                saved = getattr(self.compiled_forward, "has_saved", None)
+                verb = "loading saved" if saved and saved(ids, pos, last, rows, keys) else "compiling"
+                self.gen.on_compile(f"{verb} {what}, batch {ids.shape[0]} x {ids.shape[1]} tokens")
         with torch.no_grad():
             return self.compiled_forward(ids, pos, last, rows, keys)
 
