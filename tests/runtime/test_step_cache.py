@@ -34,10 +34,12 @@ CHILD = textwrap.dedent(
     said = []
     gen.on_compile = said.append
     out = gen.generate([json.loads(sys.argv[2])], max_new_tokens=6, ignore_eos=True)
-    st = gen.compiled_step
+    st, spec = gen.compiled_step, gen.speculator
+    fwd = spec.compiled_forward if spec else None
     print("RESULT " + json.dumps(
         {"tokens": out.tokens, "loaded": st.loaded, "saved": st.saved, "traced": len(opt.compile_report().graphs),
-         "plans_used": sum(1 for p in PLANS.values() if p.table and p.states), "said": said}
+         "plans_used": sum(1 for p in PLANS.values() if p.table and p.states), "said": said,
+         "verify": fwd and {"loaded": fwd.loaded, "saved": fwd.saved, "ran": spec.stats.drafted > 0}}
     ))
     """
 )
@@ -160,51 +162,19 @@ def test_a_step_that_cannot_be_saved_is_traced_alone(monkeypatch, caplog, tmp_pa
     assert "[4, 2]" in caplog.text and "not saved" in caplog.text
 
 
-SPEC_CHILD = textwrap.dedent(
-    """
-    import json, sys
-    import zycompile
-    opt = zycompile.optimize(None, json.loads(sys.argv[1]))
-    gen = opt.generator()
-    said = []
-    gen.on_compile = said.append
-    out = gen.generate([json.loads(sys.argv[2])], max_new_tokens=6, ignore_eos=True)
-    fwd = gen.speculator.compiled_forward
-    print("RESULT " + json.dumps(
-        {"tokens": out.tokens, "loaded": fwd.loaded, "saved": fwd.saved, "said": said,
-         "verifies": gen.speculator.stats.drafted > 0}
-    ))
-    """
-)
-
-
 @pytest.mark.inductor
 def test_speculative_verify_graphs_are_saved_and_loaded_by_a_new_process(tmp_path):
     # a draft model drafts every round, so verify graphs run
     spec = {"method": "draft_model", "draft_model": "tiny:llama", "num_tokens": 2}
     data = {**recipe(tmp_path), "speculative": spec}
-    prompt = PROMPT
-    env = {**os.environ, "ZYCOMPILE_STEP_CACHE": str(tmp_path / "steps")}
-
-    def run() -> dict:
-        proc = subprocess.run(
-            [sys.executable, "-c", SPEC_CHILD, json.dumps(data), json.dumps(prompt)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-        return json.loads(line[len("RESULT ") :])
-
+    cache = tmp_path / "steps"
     want = zycompile.optimize(None, {**data, "lowering": {"backend": "aot_eager"}}).generator()
-    want = want.generate([prompt], max_new_tokens=6, ignore_eos=True).tokens
-    cold = run()
-    assert cold["tokens"] == want and cold["verifies"]
-    assert cold["saved"] >= 1 and cold["loaded"] == 0
+    want = want.generate([PROMPT], max_new_tokens=6, ignore_eos=True).tokens
+    cold = child(data, cache)
+    assert cold["tokens"] == want and cold["verify"]["ran"]
+    assert cold["verify"]["saved"] >= 1 and cold["verify"]["loaded"] == 0
     assert any(m.startswith("compiling verify graph") for m in cold["said"])
-    warm = run()
+    warm = child(data, cache)
     assert warm["tokens"] == want
-    assert warm["loaded"] == cold["saved"] and warm["saved"] == 0
+    assert warm["verify"]["loaded"] == cold["verify"]["saved"] and warm["verify"]["saved"] == 0
     assert any(m.startswith("loading saved verify graph") for m in warm["said"])
