@@ -125,3 +125,16 @@ def test_dynamic_prefill_reads_only_the_filled_prefix_and_keeps_solo_tokens(gen,
     for end in (16, 32, 40):  # each engine step: one prefill chunk, then slot 0's decode step
         want += [end] * layers + [96] * layers
     assert lens == want
+
+
+def test_a_prompt_with_nobody_decoding_is_prefilled_in_one_forward(gen, dyn_gen):
+    """Chunks exist so decoding requests do not stall behind a long prompt; alone, the 40-token prompt
+    goes in one forward of the symbolic-length graph (its keys: 40), with the same tokens."""
+    solo = gen.generate([PROMPTS[2]], max_new_tokens=4, ignore_eos=True).tokens[0]
+    eng = Engine(dyn_gen, max_concurrency=2)
+    req = eng.add_request(PROMPTS[2], _params(4))
+    lens = _attention_key_lengths(eng.step)
+    layers = dyn_gen.model.config.num_hidden_layers
+    assert req.prefilled == 40 and lens[:layers] == [40] * layers
+    eng.run()
+    assert req.output == solo

@@ -2,7 +2,8 @@
 
 Each ``step()`` does at most one prefill chunk (of one waiting request, into its slot) and then one
 decode step for every request already decoding, so new requests' prefill interleaves with the
-others' decoding and nobody's tokens stall for a whole long prompt. Requests take the lowest free
+others' decoding and nobody's tokens stall for a whole long prompt. With no request decoding (and a
+symbolic-length prefill graph) the chunk is the whole rest of the prompt: nobody is waiting. Requests take the lowest free
 slot; the decode batch is the smallest batch bucket covering the highest busy slot, so there is one
 compiled decode graph per bucket and no recompiles in steady state. A request that cannot run (too
 long, empty, bad sampling parameters) is rejected alone with its error; the others go on.
@@ -126,7 +127,14 @@ class Engine:
 
     def _prefill_chunk(self, req: Request) -> None:
         chunk = self.gen.prefill_buckets[-1]
-        count = min(chunk, len(req.prompt) - req.prefilled)
+        left = len(req.prompt) - req.prefilled
+        if self.gen.dynamic_prefill and self.gen.speculator is None and not self._anyone_decoding():
+            # Nobody waits on a decode step: the rest of the prompt in one forward of the symbolic-length
+            # graph. Chunks would re-read every weight per chunk and mask whole key rectangles (a
+            # 1,045-token prompt took 1.13x HF eager's TTFT in 256-token chunks). A drafter's prompt
+            # entries are sized by the buckets, so speculative prefill keeps them.
+            chunk = left
+        count = min(chunk, left)
         rows = torch.tensor([req.slot], device=self.gen.device)
         prefill = self.gen.speculator.prefill_chunk if self.gen.speculator else self.gen.prefill_chunk
         logits = prefill([req.prompt], [len(req.prompt)], req.prefilled, count, rows)
@@ -134,6 +142,9 @@ class Engine:
         if req.prefilled == len(req.prompt):
             tok = sample(logits, [req.params], [req.generator])[0].item()
             self._emit(req, tok)
+
+    def _anyone_decoding(self) -> bool:
+        return any(r.next_token is not None and not r.done for r in self.running.values())
 
     def _decode(self, reqs: list[Request]) -> None:
         bsz = bucket_for(max(self.running) + 1, self.gen.batch_buckets)
