@@ -596,7 +596,7 @@ def test_hash_of_explicit_defaults_equals_omitted(tmp_path):
     explicit = write(tmp_path, (RECIPES_DIR / "smollm2-135m.yaml").read_text(), "explicit.yaml")
     sparse = write(
         tmp_path,
-        "passes: [canonicalize_attention, fuse_projections, {name: tuned_gemm, min_m: 4}, small_gemm]\n"
+        "passes: [canonicalize_attention, fuse_projections, {name: tuned_gemm, min_m: 3}, small_gemm]\n"
         "runtime: {prefill: dynamic}\n",
         "sparse.yaml",
     )
