@@ -12,11 +12,11 @@ The plan (``zycompile/ops/tuned_linear.py``) maps M to a candidate and holds the
 prepacked oneDNN copy of the weight is a second copy of it, counted in the notes (``extra weight
 memory``). A static graph is swapped where its exact M is in the database and the winner beat the
 default; a static M the database lacks (a speculative verify width k + 1 no bucket runs) takes the
-fastest candidate that serves any M at the nearest tuned M of that weight, within 2x (noted); a symbolic-length
-prefill graph uses the nearest tuned M of that weight at run time.
+fastest candidate that serves any M at the nearest tuned M of that weight, within 2x (noted); a
+symbolic-length prefill graph uses the nearest tuned M of that weight at run time.
 ``weight_copies: false`` limits the choice to candidates that keep one copy (e.g. oneDNN on the plain
-weight). Weights not in the database keep the default and are counted ("not in database"). M = 1 GEMMs that
-Inductor's ``decompose_mm_pass`` turns into fused reductions are left to it.
+weight). Weights not in the database keep the default and are counted ("not in database"). M = 1
+GEMMs that Inductor's ``decompose_mm_pass`` turns into fused reductions are left to it.
 
 ``db: auto`` reads $ZYCOMPILE_CACHE/tuning/<device>.yaml, else the database shipped in
 ``zycompile/tuning/shipped/`` for this device if its validators match (no file: every GEMM keeps the
@@ -50,8 +50,8 @@ log = logging.getLogger("zycompile")
 TUNED_LINEAR = torch.ops.zycompile.tuned_linear.default
 _LOADED: dict[tuple[str, float], tdb.TuningDB] = {}
 _HANDED: dict[str, str | None] = {}  # database file -> what hand_back did with its TunableOp solutions
-_SKIPPED: set[tuple[str, float]] = set()
-NEAREST_RATIO = 2.0  # an untuned static M borrows a tuned M's choice at most this far off  # shipped files whose validators do not match this machine
+_SKIPPED: set[tuple[str, float]] = set()  # shipped files whose validators do not match this machine
+NEAREST_RATIO = 2.0  # an untuned static M borrows a tuned M's choice at most this far off
 
 
 def resolve_db(opts, device: torch.device) -> tdb.TuningDB | None:

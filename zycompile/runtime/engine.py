@@ -3,8 +3,8 @@
 Each ``step()`` does at most one prefill chunk (of one waiting request, into its slot) and then one
 decode step for every request already decoding, so new requests' prefill interleaves with the
 others' decoding and nobody's tokens stall for a whole long prompt. With no request decoding (and a
-symbolic-length prefill graph) the chunk is the whole rest of the prompt: nobody is waiting. Requests take the lowest free
-slot; the decode batch is the smallest batch bucket covering the highest busy slot, so there is one
+symbolic-length prefill graph) the chunk is the whole rest of the prompt: nobody is waiting.
+Requests take the lowest free slot; the decode batch is the smallest batch bucket covering the highest busy slot, so there is one
 compiled decode graph per bucket and no recompiles in steady state. A request that cannot run (too
 long, empty, bad sampling parameters) is rejected alone with its error; the others go on.
 """
@@ -119,7 +119,7 @@ class Engine:
         prefilling = [r for r in self.running.values() if r.prefilled < len(r.prompt)]
         if prefilling:
             self._prefill_chunk(min(prefilling, key=lambda r: r.id))
-        decoding = [r for r in self.running.values() if r.next_token is not None and not r.done]
+        decoding = self._decoding()
         if decoding:
             self._decode(decoding)
         for slot in [s for s, r in self.running.items() if r.done]:
@@ -128,7 +128,7 @@ class Engine:
     def _prefill_chunk(self, req: Request) -> None:
         chunk = self.gen.prefill_buckets[-1]
         left = len(req.prompt) - req.prefilled
-        if self.gen.dynamic_prefill and self.gen.speculator is None and not self._anyone_decoding():
+        if self.gen.dynamic_prefill and self.gen.speculator is None and not self._decoding():
             # Nobody waits on a decode step: the rest of the prompt in one forward of the symbolic-length
             # graph. Chunks would re-read every weight per chunk and mask whole key rectangles (a
             # 1,045-token prompt took 1.13x HF eager's TTFT in 256-token chunks). A drafter's prompt
@@ -143,8 +143,8 @@ class Engine:
             tok = sample(logits, [req.params], [req.generator])[0].item()
             self._emit(req, tok)
 
-    def _anyone_decoding(self) -> bool:
-        return any(r.next_token is not None and not r.done for r in self.running.values())
+    def _decoding(self) -> list[Request]:
+        return [r for r in self.running.values() if r.next_token is not None and not r.done]
 
     def _decode(self, reqs: list[Request]) -> None:
         bsz = bucket_for(max(self.running) + 1, self.gen.batch_buckets)

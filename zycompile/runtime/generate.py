@@ -20,7 +20,7 @@ from zycompile.errors import GenerationError
 from zycompile.runtime.metrics import kv_bytes_per_token, mbu, measure_read_bandwidth, weight_bytes_per_token
 from zycompile.runtime.sampling import SamplingParams, sample
 from zycompile.runtime.sharded_kv_cache import cache_for_recipe
-from zycompile.runtime.step_cache import compile_cached_step
+from zycompile.runtime.step_cache import compile_cached_step, compile_verb
 
 
 @dataclasses.dataclass
@@ -130,8 +130,7 @@ class Generator:
             self.seen_shapes.add(key)
             if self.on_compile:
                 kind = "decode" if key[1] == 1 else "prefill"
-                saved = getattr(self.compiled_step, "has_saved", None)
-                verb = "loading saved" if saved and saved(input_ids, pos, last, rows, keys) else "compiling"
+                verb = compile_verb(self.compiled_step, input_ids, pos, last, rows, keys)
                 self.on_compile(f"{verb} {kind} graph for batch {key[0]} x {key[1]} tokens")
         with torch.no_grad():
             return self.compiled_step(input_ids, pos, last, rows, keys)

@@ -29,9 +29,14 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total
 
 
+def _text_config(config):
+    """The decoder's config (a multimodal config nests it)."""
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
 def kv_bytes_per_token(config, context_len: float, dtype: torch.dtype) -> float:
     """Bytes of KV cache one decode step of one sequence reads at ``context_len`` tokens of context."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = _text_config(config)
     heads = text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -43,17 +48,22 @@ def kv_bytes_per_token(config, context_len: float, dtype: torch.dtype) -> float:
 def measure_read_bandwidth(device: str = "cpu", nbytes: int = 512 << 20, repeats: int = 5) -> float:
     """Bytes/s of a streaming read (a sum over a buffer far larger than the caches), best of ``repeats``."""
     x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-    x.sum()
+    return nbytes / _best_seconds(x.sum, device, repeats)
+
+
+def _best_seconds(fn, device: str, repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls of ``fn`` after one warm-up (device work synchronised)."""
+    fn()
     best = float("inf")
     for _ in range(repeats):
         if device != "cpu":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        x.sum()
+        fn()
         if device != "cpu":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
-    return nbytes / best
+    return best
 
 
 def mbu(bytes_per_step: float, steps_per_s: float, bandwidth: float) -> float:
@@ -68,11 +78,7 @@ def prefill_flops(model: torch.nn.Module, prompt_len: int) -> float:
     linear = sum(
         m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head
     )
-    text = (
-        model.config.get_text_config(decoder=True)
-        if hasattr(model.config, "get_text_config")
-        else model.config
-    )
+    text = _text_config(model.config)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     pairs = prompt_len * (prompt_len + 1) / 2  # query-key pairs under a causal mask
     attn = 2 * 2 * text.num_hidden_layers * text.num_attention_heads * head_dim * pairs
@@ -85,14 +91,4 @@ def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
     the compute ceiling a prefill (TTFT) can approach on this machine."""
     n = 2048 if device == "cpu" else 8192
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        if device != "cpu":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if device != "cpu":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / _best_seconds(lambda: a @ b, device, repeats)

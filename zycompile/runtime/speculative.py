@@ -29,7 +29,7 @@ from zycompile.errors import GenerationError
 from zycompile.runtime.draft_length import DraftLength
 from zycompile.runtime.generate import bucket_for
 from zycompile.runtime.sampling import SamplingParams, probabilities, sample
-from zycompile.runtime.step_cache import compile_cached_step
+from zycompile.runtime.step_cache import compile_cached_step, compile_verb
 
 GREEDY = SamplingParams()
 
@@ -206,8 +206,7 @@ class Speculator:
             self.seen_shapes.add(key)
             if self.gen.on_compile:
                 what = f"verify graph for k={ids.shape[1] - 1}" if last is None else "prefill graph (hidden)"
-                saved = getattr(self.compiled_forward, "has_saved", None)
-                verb = "loading saved" if saved and saved(ids, pos, last, rows, keys) else "compiling"
+                verb = compile_verb(self.compiled_forward, ids, pos, last, rows, keys)
                 self.gen.on_compile(f"{verb} {what}, batch {ids.shape[0]} x {ids.shape[1]} tokens")
         with torch.no_grad():
             return self.compiled_forward(ids, pos, last, rows, keys)

@@ -281,6 +281,12 @@ class StepCache:
             log.warning("zycompile: could not save compiled step %s (%s)", self.fn.__name__, e)
 
 
+def compile_verb(compiled: Callable, *args: Any) -> str:
+    """What a first call of ``compiled`` with ``args`` does, for progress messages."""
+    saved = getattr(compiled, "has_saved", None)  # a StepCache; compile_step's functions have none
+    return "loading saved" if saved and saved(*args) else "compiling"
+
+
 def compile_cached_step(fn: Callable, backend: Any, owner: Any, arg_names: tuple[str, ...]) -> Callable:
     """A ``StepCache`` where steps can be saved, else ``compile_step`` (Dynamo traces each process)."""
     why = usable(owner)
