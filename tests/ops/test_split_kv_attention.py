@@ -126,11 +126,12 @@ def test_cpu_causal_bool_mask_takes_the_causal_kernel_with_the_same_result():
     from zycompile.ops import attention as attn_mod
 
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, h, 9, 8, generator=g) for h in (4, 2, 2))
-    tril = torch.ones(9, 9, dtype=torch.bool).tril()
+    t = 20  # a prefill chunk: longer than the C++ decode kernel's query blocks
+    q, k, v = (torch.randn(2, h, t, 8, generator=g) for h in (4, 2, 2))
+    tril = torch.ones(t, t, dtype=torch.bool).tril()
     not_causal = tril.clone()
     not_causal[5, 1] = False
-    for mask, fast in ((tril[None, None], True), (tril.expand(2, 1, 9, 9), True), (not_causal, False)):
+    for mask, fast in ((tril[None, None], True), (tril.expand(2, 1, t, t), True), (not_causal, False)):
         with mock.patch.object(
             attn_mod.F, "scaled_dot_product_attention", wraps=attn_mod.F.scaled_dot_product_attention
         ) as sdpa:
@@ -152,6 +153,7 @@ def test_cpu_decode_batch_reads_each_rows_keys_only_when_lengths_differ(monkeypa
     q = torch.randn(b, 4, 1, 8, generator=g)
     k, v = (torch.randn(b, 2, s, 8, generator=g) for _ in range(2))
     monkeypatch.setattr(attn_mod, "ROW_CALL_BYTES", 512)  # this test's keys are 64 B each
+    monkeypatch.setattr(attn_mod.cpu_decode_attention, "ENABLED", False)  # the SDPA fallback's trimming
     for lens, per_row in (([60, 5, 9, 3], True), ([20, 19, 20, 18], False)):
         mask = (torch.arange(s)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
         with mock.patch.object(
@@ -163,13 +165,15 @@ def test_cpu_decode_batch_reads_each_rows_keys_only_when_lengths_differ(monkeypa
         torch.testing.assert_close(out, reference_attention(q, k, v, mask, 0.3), rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_decode_mask_is_dropped_only_where_every_query_sees_every_kept_key():
-    """A decode step's mask is a prefix per row: once the empty cache tail is cut off nothing is left
-    to mask, so SDPA gets none. A left-padded row, a verify block's triangle, an all-masked row or
-    uneven rows in one call keep it. Same result either way."""
+def test_cpu_decode_mask_is_dropped_only_where_every_query_sees_every_kept_key(monkeypatch):
+    """Without the C++ kernel, a decode step's mask is a prefix per row: once the empty cache tail is
+    cut off nothing is left to mask, so SDPA gets none. A left-padded row, a verify block's triangle,
+    an all-masked row or uneven rows in one call keep it. Same result either way."""
     from unittest import mock
 
     from zycompile.ops import attention as attn_mod
+
+    monkeypatch.setattr(attn_mod.cpu_decode_attention, "ENABLED", False)
 
     g = torch.Generator().manual_seed(7)
     s = 32

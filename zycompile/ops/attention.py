@@ -12,12 +12,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zycompile.ops import cpu_decode_attention
 from zycompile.ops.library import define
 
 
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
 ) -> torch.Tensor:
+    if cpu_decode_attention.applies(q, k, v, mask) and (kernel := cpu_decode_attention.load()) is not None:
+        return kernel(q, k, v, mask, scale, causal)  # decode/verify: reads each query's visible keys only
     tq, tk = q.shape[-2], k.shape[-2]
     if mask is not None and mask.dtype == torch.bool and not causal and q.device.type == "cpu":
         if tq == tk > 1 and _is_causal(mask):  # a prefill chunk from position 0: the causal kernel

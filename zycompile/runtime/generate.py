@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
+from zycompile.ops import cpu_decode_attention
 from zycompile.runtime.metrics import kv_bytes_per_token, mbu, measure_read_bandwidth, weight_bytes_per_token
 from zycompile.runtime.sampling import SamplingParams, sample
 from zycompile.runtime.sharded_kv_cache import cache_for_recipe
@@ -56,6 +57,8 @@ class Generator:
         self.dynamic_prefill = rt.prefill == "dynamic"
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            cpu_decode_attention.load()  # build (first run on a machine) or load it now, not in a timed step
         self.cache = cache_for_recipe(
             self.recipe, self.model.config, rt.batch_buckets[-1], self.dtype, self.device
         )

@@ -1,0 +1,106 @@
+"""The C++ decode/verify attention kernel against plain math attention, and its fallback to SDPA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zycompile.ops import cpu_decode_attention
+from zycompile.ops.attention import attention, reference_attention
+
+kernel = cpu_decode_attention.load()
+needs_kernel = pytest.mark.skipif(kernel is None, reason="no C++ toolchain: attention uses SDPA")
+
+
+def _qkv(seed, b, hkv, rep, tq, tk, d, dv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hkv * rep, tq, d, generator=g)
+    k = torch.randn(b, hkv, tk, d, generator=g)
+    v = torch.randn(b, hkv, tk, dv or d, generator=g)
+    return q, k, v
+
+
+def _prefix(lens, tq, tk):
+    """A static cache's decode/verify mask: row of length n, query i sees keys < n - tq + 1 + i."""
+    pos = torch.tensor(lens)[:, None] - tq + torch.arange(tq)
+    return (torch.arange(tk)[None, None, :] <= pos[:, :, None])[:, None]
+
+
+def _check(q, k, v, mask, scale=0.3, causal=False):
+    out = kernel(q, k, v, mask, scale, causal)
+    ref = reference_attention(q, k, v, mask, scale, causal)
+    seen = ref.isfinite().all(-1)  # a query that may see no key: the kernel gives zeros
+    torch.testing.assert_close(out[seen], ref[seen], rtol=1e-5, atol=1e-5)
+    assert out[~seen].eq(0).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [64, 128, 40])  # the two register-blocked head dims and the generic loop
+@pytest.mark.parametrize("rep", [1, 3])
+def test_decode_rows_of_different_lengths_over_several_key_blocks(d, rep):
+    # a 300-slot cache: rows end inside the first, second and third 128-key block, one row is empty
+    q, k, v = _qkv(1, 4, 2, rep, 1, 300, d)
+    _check(q, k, v, _prefix([299, 5, 130, 0], 1, 300))
+
+
+@needs_kernel
+def test_verify_block_padding_broadcasts_and_head_dims():
+    q, k, v = _qkv(2, 2, 3, 3, 5, 200, 64, dv=32)
+    _check(q, k, v, _prefix([150, 40], 5, 200))  # verify triangle, value dim != key dim
+    padded = _prefix([60, 60], 5, 200)
+    padded[1, ..., :7] = False  # a left-padded row
+    _check(q, k, v, padded)
+    _check(q, k, v, _prefix([60], 5, 200).expand(2, 9, 5, 200).clone())  # per-head mask
+    _check(q, k, v, _prefix([60], 5, 200)[0, 0])  # [Tq, Tk], broadcast over batch and heads
+    _check(q, k, v, torch.rand(2, 9, 5, 200, generator=torch.Generator().manual_seed(0)) > 0.7)  # scattered
+
+
+@needs_kernel
+def test_causal_flag_is_bottom_right_aligned_with_or_without_mask():
+    q, k, v = _qkv(3, 2, 1, 4, 6, 50, 64)
+    _check(q, k, v, None, causal=True)
+    _check(q, k, v, None)
+    _check(q, k, v, torch.rand(2, 1, 6, 50, generator=torch.Generator().manual_seed(1)) > 0.5, causal=True)
+
+
+@needs_kernel
+def test_strided_cache_views():
+    # the keys of a bigger cache, sliced and head-transposed: only the last dim needs to be contiguous
+    q, k, v = _qkv(4, 2, 2, 2, 1, 256, 64)
+    kt = k.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :100]
+    vt = v.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :100]
+    _check(q, kt, vt, _prefix([100, 33], 1, 100))
+    _check(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, _prefix([256, 9], 1, 256))
+
+
+def test_attention_op_routes_short_fp32_blocks_to_the_kernel_and_others_to_sdpa():
+    q, k, v = _qkv(5, 2, 3, 3, 4, 64, 64)
+    mask = _prefix([50, 64], 4, 64)
+    assert cpu_decode_attention.applies(q, k, v, mask)
+    assert not cpu_decode_attention.applies(q, k, v, mask.float())  # additive mask: SDPA
+    assert not cpu_decode_attention.applies(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    long_q = torch.randn(2, 9, cpu_decode_attention.MAX_QUERIES + 1, 64)
+    assert not cpu_decode_attention.applies(long_q, k, v, None)  # a prefill chunk: SDPA's flash kernel
+    out = attention(q, k, v, mask, 0.125, False)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_unbuildable_kernel_falls_back_to_sdpa_and_says_so_once(monkeypatch, capsys):
+    import torch.utils.cpp_extension as ext
+
+    def no_compiler(*a, **kw):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(ext, "load_inline", no_compiler)
+    cpu_decode_attention.load.cache_clear()
+    try:
+        q, k, v = _qkv(6, 1, 3, 3, 1, 80, 64)
+        mask = _prefix([70], 1, 80)
+        for _ in range(2):
+            out = attention(q, k, v, mask, 0.125, False)
+            torch.testing.assert_close(out, reference_attention(q, k, v, mask, 0.125), rtol=1e-5, atol=1e-5)
+        err = capsys.readouterr().err
+        assert err.count("CPU decode-attention kernel unavailable (Ninja is required") == 1
+        assert "using SDPA" in err
+    finally:
+        cpu_decode_attention.load.cache_clear()  # the next caller loads the built kernel again

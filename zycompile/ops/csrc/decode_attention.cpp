@@ -1,0 +1,245 @@
+// Decode/verify attention on CPU: a few queries per row against a static KV cache that is mostly empty.
+//
+// q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] (fp32, last dim contiguous), mask boolean and
+// broadcastable to [B, Hq, Tq, Tk] (true = attend) or absent; causal is bottom-right aligned (query t
+// sees keys j <= t + Tk - Tq). A query reads keys only up to the last one it may see, so a decode step
+// over a 2048-slot cache holding 150 tokens reads 150 keys.
+//
+// Split-KV on one device (flash-decoding): the keys of each (batch row, KV head) are cut into blocks of
+// BLOCK; a task scores one block for all Hq/Hkv x Tq queries of that KV head (GQA without copies, the
+// block stays in cache while they share it) and keeps, per query, (max, sum of exp, unnormalised
+// output). The blocks' partials are then merged by their log-sum-exp, so one long row or a single KV
+// head still spreads over every thread. A query that may see no key gets zeros (as a weightless part).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t BLOCK = 128;                     // keys per task: K and V blocks (64 KB at D=64) stay in L2
+constexpr int64_t PARALLEL_BYTES = 256 * 1024;     // below this much K/V a fork/join costs more than it saves
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline float hsum(Vec x) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x);
+}
+
+// 1 + the last true entry of row[0, n), 0 if none: reads 8 bytes at a time from the end, since a decode
+// step's mask row is a short prefix of true followed by the cache's empty tail.
+inline int64_t last_visible(const bool* row, int64_t n) {
+  while (n >= 8) {
+    uint64_t w;
+    std::memcpy(&w, row + n - 8, 8);
+    if (w) break;
+    n -= 8;
+  }
+  while (n > 0 && !row[n - 1]) --n;
+  return n;
+}
+
+// Scores of one query against keys [j0, j1): NV vectors of the head dim held in registers.
+template <int NV>
+inline void scores_fixed(const float* q, const float* k, int64_t ks, int64_t j0, int64_t j1, float scale, float* s) {
+  Vec qv[NV];
+  for (int c = 0; c < NV; ++c) qv[c] = Vec::loadu(q + c * Vec::size());
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* kr = k + j * ks;
+    Vec acc = qv[0] * Vec::loadu(kr);
+    for (int c = 1; c < NV; ++c) acc = at::vec::fmadd(qv[c], Vec::loadu(kr + c * Vec::size()), acc);
+    s[j - j0] = hsum(acc) * scale;
+  }
+}
+
+inline void scores_any(const float* q, const float* k, int64_t ks, int64_t D, int64_t j0, int64_t j1, float scale,
+                       float* s) {
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* kr = k + j * ks;
+    Vec acc(0.f);
+    int64_t d = 0;
+    for (; d + Vec::size() <= D; d += Vec::size()) acc = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(kr + d), acc);
+    float x = hsum(acc);
+    for (; d < D; ++d) x += q[d] * kr[d];
+    s[j - j0] = x * scale;
+  }
+}
+
+// o[0, Dv) = sum_j p[j - j0] v[j] over keys [j0, j1), skipping zero weights (masked keys).
+template <int NV>
+inline void weighted_fixed(const float* p, const float* v, int64_t vs, int64_t j0, int64_t j1, float* o) {
+  Vec acc[NV];
+  for (int c = 0; c < NV; ++c) acc[c] = Vec(0.f);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float w = p[j - j0];
+    if (w == 0.f) continue;
+    const float* vr = v + j * vs;
+    const Vec wv(w);
+    for (int c = 0; c < NV; ++c) acc[c] = at::vec::fmadd(wv, Vec::loadu(vr + c * Vec::size()), acc[c]);
+  }
+  for (int c = 0; c < NV; ++c) acc[c].store(o + c * Vec::size());
+}
+
+inline void weighted_any(const float* p, const float* v, int64_t vs, int64_t Dv, int64_t j0, int64_t j1, float* o) {
+  std::fill(o, o + Dv, 0.f);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float w = p[j - j0];
+    if (w == 0.f) continue;
+    const float* vr = v + j * vs;
+    for (int64_t d = 0; d < Dv; ++d) o[d] += w * vr[d];
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                            const std::optional<at::Tensor>& mask_in, double scale, bool causal) {
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "decode_attention: q, k, v must be 4-D");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat &&
+                  v_in.scalar_type() == at::kFloat,
+              "decode_attention: fp32 only");
+  auto last_contig = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+  const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Tk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(Hq % Hkv == 0 && k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(2) == Tk &&
+                  v.size(1) == Hkv,
+              "decode_attention: shape mismatch");
+  const int64_t rep = Hq / Hkv, R = rep * Tq;  // queries per (batch row, KV head), row i = r * Tq + t
+
+  at::Tensor m;
+  const bool* mp = nullptr;
+  int64_t ms0 = 0, ms1 = 0, ms2 = 0;
+  if (mask_in.has_value() && mask_in->defined()) {
+    TORCH_CHECK(mask_in->scalar_type() == at::kBool, "decode_attention: boolean mask only");
+    m = mask_in->expand({B, Hq, Tq, Tk});
+    if (m.stride(3) != 1) m = m.contiguous();
+    mp = m.data_ptr<bool>();
+    ms0 = m.stride(0), ms1 = m.stride(1), ms2 = m.stride(2);
+  }
+  // Strides as plain integers: Tensor::stride() wraps its dimension on every call.
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+
+  // Per query: how many leading keys it may see (mask rows shared by heads are scanned once).
+  std::vector<int64_t> len(B * Hq * Tq);
+  std::vector<int64_t> group_len(B * Hkv, 0);
+  const bool* memo_row = nullptr;
+  int64_t memo = 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t t = 0; t < Tq; ++t) {
+        int64_t n = causal ? std::max<int64_t>(0, std::min(Tk, t + Tk - Tq + 1)) : Tk;
+        if (mp) {
+          const bool* row = mp + b * ms0 + h * ms1 + t * ms2;
+          if (row != memo_row) memo_row = row, memo = last_visible(row, Tk);
+          n = std::min(n, memo);
+        }
+        len[(b * Hq + h) * Tq + t] = n;
+        int64_t& g = group_len[b * Hkv + h / rep];
+        g = std::max(g, n);
+      }
+
+  // Tasks: (batch row, KV head, key block) over the blocks some query of the group may see.
+  std::vector<int64_t> task_start(B * Hkv + 1, 0);
+  for (int64_t bg = 0; bg < B * Hkv; ++bg) task_start[bg + 1] = task_start[bg] + (group_len[bg] + BLOCK - 1) / BLOCK;
+  const int64_t ntasks = task_start[B * Hkv];
+  // Partials per (task, query): max, sum of exp, unnormalised output.
+  std::vector<float> pmax(ntasks * R, NEG_INF), psum(ntasks * R, 0.f), pout(ntasks * R * Dv, 0.f);
+
+  int64_t kv_bytes = 0;
+  for (int64_t bg = 0; bg < B * Hkv; ++bg) kv_bytes += group_len[bg] * (D + Dv) * 4;
+  const int64_t grain = kv_bytes < PARALLEL_BYTES ? std::max<int64_t>(ntasks, 1) : 1;
+
+  at::parallel_for(0, ntasks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(BLOCK);
+    int64_t bg = std::upper_bound(task_start.begin(), task_start.end(), begin) - task_start.begin() - 1;
+    for (int64_t task = begin; task < end; ++task) {
+      while (task >= task_start[bg + 1]) ++bg;
+      const int64_t b = bg / Hkv, g = bg % Hkv;
+      const int64_t j0 = (task - task_start[bg]) * BLOCK;
+      const float* kb = kp + b * ks0 + g * ks1;
+      const float* vb = vp + b * vs0 + g * vs1;
+      for (int64_t i = 0; i < R; ++i) {
+        const int64_t h = g * rep + i / Tq, t = i % Tq;
+        const int64_t j1 = std::min(j0 + BLOCK, len[(b * Hq + h) * Tq + t]);
+        if (j1 <= j0) continue;  // this query sees no key in the block: a weightless partial
+        const float* qr = qp + b * qs0 + h * qs1 + t * qs2;
+        if (D == 64) scores_fixed<64 / Vec::size()>(qr, kb, ks2, j0, j1, fscale, s.data());
+        else if (D == 128) scores_fixed<128 / Vec::size()>(qr, kb, ks2, j0, j1, fscale, s.data());
+        else scores_any(qr, kb, ks2, D, j0, j1, fscale, s.data());
+        const int64_t n = j1 - j0;
+        if (mp) {
+          const bool* row = mp + b * ms0 + h * ms1 + t * ms2;
+          for (int64_t j = 0; j < n; ++j)
+            if (!row[j0 + j]) s[j] = NEG_INF;
+        }
+        float mx = NEG_INF;
+        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
+        if (mx == NEG_INF) continue;  // every key of the block masked
+        Vec vsum(0.f), vmx(mx);
+        int64_t j = 0;
+        for (; j + Vec::size() <= n; j += Vec::size()) {
+          Vec e = (Vec::loadu(&s[j]) - vmx).exp_u20();
+          e.store(&s[j]);
+          vsum = vsum + e;
+        }
+        float sum = hsum(vsum);
+        for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+        const int64_t slot = task * R + i;
+        pmax[slot] = mx;
+        psum[slot] = sum;
+        float* o = &pout[slot * Dv];
+        if (Dv == 64) weighted_fixed<64 / Vec::size()>(s.data(), vb, vs2, j0, j1, o);
+        else if (Dv == 128) weighted_fixed<128 / Vec::size()>(s.data(), vb, vs2, j0, j1, o);
+        else weighted_any(s.data(), vb, vs2, Dv, j0, j1, o);
+      }
+    }
+  });
+
+  // Merge each query's block partials by log-sum-exp (the tree reduction's combine, done serially here:
+  // a decode row has a handful of blocks).
+  at::Tensor out = at::empty({B, Hq, Tq, Dv}, q.options());
+  float* op = out.data_ptr<float>();
+  for (int64_t bg = 0; bg < B * Hkv; ++bg) {
+    const int64_t b = bg / Hkv, g = bg % Hkv;
+    for (int64_t i = 0; i < R; ++i) {
+      const int64_t h = g * rep + i / Tq, t = i % Tq;
+      float* o = op + ((b * Hq + h) * Tq + t) * Dv;
+      float mx = NEG_INF;
+      for (int64_t task = task_start[bg]; task < task_start[bg + 1]; ++task) mx = std::max(mx, pmax[task * R + i]);
+      std::fill(o, o + Dv, 0.f);
+      if (mx == NEG_INF) continue;
+      float total = 0.f;
+      for (int64_t task = task_start[bg]; task < task_start[bg + 1]; ++task) {
+        const int64_t slot = task * R + i;
+        if (pmax[slot] == NEG_INF) continue;
+        const float w = std::exp(pmax[slot] - mx);
+        total += w * psum[slot];
+        const float* po = &pout[slot * Dv];
+        for (int64_t d = 0; d < Dv; ++d) o[d] += w * po[d];
+      }
+      const float inv = 1.f / total;
+      for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(zycompile_cpu, lib) {
+  lib.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(zycompile_cpu, CPU, lib) { lib.impl("decode_attention", &decode_attention); }
