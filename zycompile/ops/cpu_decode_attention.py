@@ -40,7 +40,8 @@ def load() -> torch._ops.OpOverload | None:
         load_inline(
             name="zycompile_decode_attention",
             cpp_sources=[SOURCE.read_text()],
-            extra_cflags=["-O3", "-ffp-contract=fast", *isa],
+            extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *isa],  # OpenMP: at::parallel_for
+            extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=False,
         )
