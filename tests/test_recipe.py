@@ -296,6 +296,13 @@ BAD = [
     ),
     ("negative-threads", "runtime:\n  threads: -2\n", "runtime.threads", "-2", [">= 1 or null"]),
     ("zero-threads", "runtime:\n  threads: 0\n", "runtime.threads", "got 0", [">= 1"]),
+    (
+        "negative-prefix-cache",
+        "runtime:\n  prefix_cache_mb: -1\n",
+        "runtime.prefix_cache_mb",
+        "got -1",
+        [">= 0", "0 turns it off"],
+    ),
     ("tiny-max-seq-len", "runtime:\n  max_seq_len: 1\n", "runtime.max_seq_len", "got 1", [">= 2"]),
     # Inductor options
     (

@@ -102,6 +102,8 @@ class RuntimeSection:
     graphs: Literal["auto", "on", "off"] = "auto"
     threads: int | None = None
     step_cache: bool = True  # save compiled steps to disk: a new process skips Dynamo (runtime/step_cache.py)
+    # engine: reuse the cached K/V of shared prompt openings, up to this many MiB (0: off; runtime/prefix_cache.py)
+    prefix_cache_mb: int = 256
 
     def check(self):
         if self.max_seq_len < 2:
@@ -122,6 +124,11 @@ class RuntimeSection:
             )
         if self.threads is not None and self.threads < 1:
             yield "threads", f"got {self.threads!r}; expected an integer >= 1 or null"
+        if self.prefix_cache_mb < 0:
+            yield (
+                "prefix_cache_mb",
+                f"got {self.prefix_cache_mb!r}; expected an integer >= 0 (0 turns it off)",
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -84,3 +84,17 @@ def test_prefill_flops_counts_linears_causal_attention_and_one_head_row():
     t = 7
     want = 2 * layers * per_layer * t + 2 * 2 * layers * h * hd * (t * (t + 1) / 2) + 2 * v * d
     assert prefill_flops(model, t) == pytest.approx(want)
+
+
+def test_random_prompts_share_one_prefix_of_prefix_len_tokens():
+    from zycompile.bench.workload import build_workload
+
+    common = dict(num_prompts=4, seed=3, dataset="random", input_len=10, output_len=5)
+    rest = dict(max_output_len=64, max_prompt_len=512, arrival="burst", rate=None)
+    items = build_workload(1000, None, prefix_len=24, **common, **rest)
+    plain = build_workload(1000, None, **common, **rest)
+    assert all(len(it.prompt_ids) == 34 for it in items)
+    assert len({it.prompt_ids[:24] for it in items}) == 1  # one shared prefix
+    assert [it.prompt_ids[24:] for it in items] == [it.prompt_ids for it in plain]  # then the same prompts
+    with pytest.raises(ValueError, match="--prefix-len 8: .* with --dataset random"):
+        build_workload(1000, None, prefix_len=8, **{**common, "dataset": "sharegpt"}, **rest)

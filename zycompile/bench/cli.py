@@ -25,6 +25,13 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--num-prompts", type=int, default=8, help="requests per concurrency level (default 8)")
     p.add_argument("--input-len", type=int, default=None, help="random dataset: prompt tokens")
     p.add_argument(
+        "--prefix-len",
+        type=int,
+        default=0,
+        help="random dataset: one fixed random prefix of this many tokens before every prompt (a shared "
+        "system prompt; vLLM's --random-prefix-len)",
+    )
+    p.add_argument(
         "--output-len",
         type=int,
         default=None,
@@ -175,6 +182,7 @@ def cmd_bench(args) -> int:
         f"{sum(i.output_len for i in items) / len(items):.0f}), arrivals {args.arrival}; read bandwidth "
         f"{bandwidth / 1e9:.1f} GB/s; {gen.dtype} matmul peak "
         f"{(peak or float('nan')) / 1e9:.0f} GFLOP/s; price {args.price_key}={price} $/h"
+        + _prefix_note(results.get("zycompile", {}))
     )
     md = report.markdown(results, cs, header)
     payload = {
@@ -216,9 +224,20 @@ def _workload(args, recipe, tok, opt, gen, build_workload):
         seed=args.seed,
         dataset=args.dataset,
         input_len=args.input_len,
+        prefix_len=args.prefix_len,
         output_len=args.output_len,
         max_output_len=args.max_output_len,
         max_prompt_len=min(1024, recipe.runtime.max_seq_len - args.max_output_len),
         arrival=args.arrival,
         rate=args.request_rate,
     )
+
+
+def _prefix_note(runs: dict) -> str:
+    """'; zycompile's prefix cache served N of M prompt tokens at c=...' when it served any."""
+    hits = [
+        f"{m['prefix_cached_tokens']:,} of {m['input_tokens']:,} prompt tokens at c={c}"
+        for c, m in runs.items()
+        if m.get("prefix_cached_tokens")
+    ]
+    return f"; zycompile's prefix cache served {', '.join(hits)}" if hits else ""

@@ -11,6 +11,7 @@ class RequestTiming:
     arrival: float
     token_times: list[float]  # when each output token was available
     prompt_len: int = 0
+    cached_len: int = 0  # prompt tokens served from the engine's prefix cache
 
     @property
     def ttft(self) -> float:
@@ -60,6 +61,7 @@ def summarize(timings: list[RequestTiming]) -> dict[str, float]:
         "duration_s": duration,
         "output_tokens": out_tokens,
         "input_tokens": sum(t.prompt_len for t in done),
+        "prefix_cached_tokens": sum(t.cached_len for t in done),
         "request_throughput": len(done) / duration if duration > 0 else float("nan"),
         "output_throughput": out_tokens / duration if duration > 0 else float("nan"),
         "ttft_mean_ms": statistics.mean(ttfts),

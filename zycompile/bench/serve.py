@@ -73,4 +73,7 @@ def serve(gen: Generator, items: list[WorkItem], concurrency: int) -> tuple[list
         raise RuntimeError(f"{len(failed)} benchmark request(s) were rejected; first: {failed[0].error}")
     # Like vLLM's bench with --max-concurrency: a request's clock starts when it is sent, i.e. when
     # one of the c in-flight places frees up (its slot), not when the dataset schedule offered it.
-    return [RequestTiming(max(r.arrival, r.admitted), r.token_times, len(r.prompt)) for r in reqs], engine
+    timings = [
+        RequestTiming(max(r.arrival, r.admitted), r.token_times, len(r.prompt), r.cached) for r in reqs
+    ]
+    return timings, engine

@@ -42,16 +42,22 @@ def build_workload(
     dataset: str,
     input_len: int | None,
     output_len: int | None,
+    prefix_len: int = 0,
     max_output_len: int,
     max_prompt_len: int,
     arrival: str,
     rate: float | None,
 ) -> list[WorkItem]:
     """Prompts (ShareGPT, or random tokens when ``dataset='random'``) with chat templates applied."""
+    prefix: list[int] = []
+    if prefix_len < 0 or (prefix_len and dataset != "random"):
+        raise ValueError(f"--prefix-len {prefix_len}: expected a count >= 0, with --dataset random")
     if dataset == "random":
         if not input_len or not output_len:
             raise ValueError("--dataset random needs --input-len and --output-len")
         reqs: list[SampledRequest] = sample_random(tokenizer, num_prompts, input_len, output_len, seed=seed)
+        if prefix_len:  # drawn from another seed than the prompts, the same for every request
+            prefix = list(sample_random(tokenizer, 1, prefix_len, 1, seed=seed + 1)[0].prompt_token_ids)
     else:
         reqs = sample_sharegpt(
             tokenizer, num_prompts, seed=seed, max_output_len=max_output_len, max_prompt_len=max_prompt_len
@@ -59,7 +65,7 @@ def build_workload(
     times = arrival_times(len(reqs), arrival, rate, seed)
     items = []
     for r, t in zip(reqs, times):
-        ids = list(r.prompt_token_ids) if dataset == "random" else encode(r.prompt)
+        ids = prefix + list(r.prompt_token_ids) if dataset == "random" else encode(r.prompt)
         out_len = output_len if output_len else r.output_len
         items.append(WorkItem(tuple(ids), out_len, t))
     return items

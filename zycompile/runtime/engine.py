@@ -3,7 +3,8 @@
 Each ``step()`` does at most one prefill chunk (of one waiting request, into its slot) and then one
 decode step for every request already decoding, so new requests' prefill interleaves with the
 others' decoding and nobody's tokens stall for a whole long prompt. With no request decoding (and a
-symbolic-length prefill graph) the chunk is the whole rest of the prompt: nobody is waiting.
+symbolic-length prefill graph) the chunk is the whole rest of the prompt: nobody is waiting. A prompt
+that opens like an earlier one starts from the prefix cache's copy of those blocks (prefix_cache.py).
 Requests take the lowest free slot; the decode batch is the smallest batch bucket covering the highest busy slot, so there is one
 compiled decode graph per bucket and no recompiles in steady state. A request that cannot run (too
 long, empty, bad sampling parameters) is rejected alone with its error; the others go on.
@@ -21,6 +22,7 @@ import torch
 
 from zycompile.errors import GenerationError
 from zycompile.runtime.generate import Generator, bucket_for
+from zycompile.runtime.prefix_cache import prefix_cache_for
 from zycompile.runtime.sampling import SamplingParams, sample
 
 
@@ -33,6 +35,7 @@ class Request:
     admitted: float | None = None  # when it got a slot (a client limited to c in flight sends it then)
     slot: int | None = None
     prefilled: int = 0  # prompt tokens already in the cache
+    cached: int = 0  # of which copied from the prefix cache
     output: list[int] = dataclasses.field(default_factory=list)
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish: float | None = None
@@ -66,6 +69,8 @@ class Engine:
         self.eos = generator.eos_ids()
         self.decode_steps = 0
         self._next_id = 0
+        # one per engine: a benchmark run never hits the prompts of an earlier run
+        self.prefix = prefix_cache_for(generator)
 
     # ---- admission -----------------------------------------------------------------------------
 
@@ -126,6 +131,8 @@ class Engine:
             self.finished.append(self.running.pop(slot))
 
     def _prefill_chunk(self, req: Request) -> None:
+        if req.prefilled == 0 and self.prefix is not None:
+            req.prefilled = req.cached = self.prefix.load(req.prompt, req.slot)
         chunk = self.gen.prefill_buckets[-1]
         left = len(req.prompt) - req.prefilled
         if self.gen.dynamic_prefill and self.gen.speculator is None and not self._decoding():
@@ -142,6 +149,8 @@ class Engine:
         if req.prefilled == len(req.prompt):
             tok = sample(logits, [req.params], [req.generator])[0].item()
             self._emit(req, tok)
+            if self.prefix is not None:  # after the first token: keeping blocks is not on its clock
+                self.prefix.store(req.prompt, req.slot)
 
     def _decoding(self) -> list[Request]:
         return [r for r in self.running.values() if r.next_token is not None and not r.done]

@@ -1,0 +1,101 @@
+"""Automatic prefix caching for the engine: the K/V of full prompt blocks, reused by later prompts.
+
+Chat prompts share their opening: SmolLM2's template puts the same system prompt and user header
+(~23 tokens) before every user message, and a multi-turn conversation re-sends its whole history. A
+new request copies the K/V of its longest cached run of ``BLOCK``-token blocks into its cache slot and
+prefills only the rest (vLLM's automatic prefix caching, on a static cache: copies instead of paged
+blocks). Each block is keyed by (its parent block's id, its tokens), so a hit means the whole prefix
+matched token for token. Least recently used blocks go first once ``max_bytes`` is exceeded; a lookup
+touches a chain from its last block back to its first, so a block is always evicted before its parent.
+
+The reused K/V were computed in another prompt's forward, whose chunk length may pick other GEMM
+blockings: they can differ from recomputed ones in the last bits, as in any prefix cache.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+
+import torch
+
+from zycompile.runtime.kv_cache import StaticKVCache
+
+BLOCK = 16  # tokens per cached block (vLLM's default)
+MIN_PREFILL = 2  # tokens left to prefill after a hit: the symbolic-length prefill graph starts at 2
+
+
+class PrefixCache:
+    def __init__(self, cache: StaticKVCache, max_bytes: int, block: int = BLOCK):
+        self.cache, self.max_bytes, self.block = cache, max_bytes, block
+        # (parent id, block tokens) -> (id, keys [layers, kv_heads, block, head_dim], values)
+        self.blocks: OrderedDict[tuple[int, tuple[int, ...]], tuple[int, torch.Tensor, torch.Tensor]] = (
+            OrderedDict()
+        )
+        self.bytes = 0
+        self._ids = itertools.count(1)  # 0: the root every chain starts from
+        self.lookup_tokens = self.hit_tokens = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """Prompt tokens served from the cache / prompt tokens looked up."""
+        return self.hit_tokens / self.lookup_tokens if self.lookup_tokens else 0.0
+
+    def _span(self, i: int) -> slice:
+        return slice(i * self.block, (i + 1) * self.block)
+
+    def _touch(self, chain: list[tuple[int, tuple[int, ...]]]) -> None:
+        for key in reversed(chain):  # the first block ends most recent: children are evicted first
+            self.blocks.move_to_end(key)
+
+    def load(self, prompt: list[int], slot: int) -> int:
+        """Copy the longest cached block prefix of ``prompt`` into cache row ``slot``, leaving at least
+        ``MIN_PREFILL`` tokens to prefill; returns how many prompt tokens it covers."""
+        chain, parent = [], 0
+        for i in range(max(len(prompt) - MIN_PREFILL, 0) // self.block):
+            key = (parent, tuple(prompt[self._span(i)]))
+            entry = self.blocks.get(key)
+            if entry is None:
+                break
+            chain.append(key)
+            parent = entry[0]
+        self._touch(chain)
+        for i, key in enumerate(chain):
+            _, k, v = self.blocks[key]
+            for layer, (ck, cv) in enumerate(zip(self.cache.keys, self.cache.values)):
+                ck[slot, :, self._span(i)].copy_(k[layer])
+                cv[slot, :, self._span(i)].copy_(v[layer])
+        self.lookup_tokens += len(prompt)
+        self.hit_tokens += len(chain) * self.block
+        return len(chain) * self.block
+
+    def store(self, prompt: list[int], slot: int) -> None:
+        """Keep the full blocks of ``prompt``, just prefilled into row ``slot``, that are not cached yet."""
+        chain, parent = [], 0
+        for i in range(len(prompt) // self.block):
+            key = (parent, tuple(prompt[self._span(i)]))
+            entry = self.blocks.get(key)
+            if entry is None:
+                k = torch.stack([ck[slot, :, self._span(i)] for ck in self.cache.keys])
+                v = torch.stack([cv[slot, :, self._span(i)] for cv in self.cache.values])
+                size = k.nbytes + v.nbytes
+                if size > self.max_bytes:
+                    break
+                entry = self.blocks[key] = (next(self._ids), k, v)
+                self.bytes += size
+            chain.append(key)
+            parent = entry[0]
+        self._touch(chain)
+        while self.bytes > self.max_bytes:
+            _, (_, k, v) = self.blocks.popitem(last=False)
+            self.bytes -= k.nbytes + v.nbytes
+
+
+def prefix_cache_for(generator) -> PrefixCache | None:
+    """The engine's prefix cache, or None where it does not apply: turned off in the recipe
+    (``runtime.prefix_cache_mb: 0``), a speculative recipe (its drafter keeps per-prompt state of its
+    own), or a cache sharded across ranks."""
+    mb = generator.recipe.runtime.prefix_cache_mb
+    if mb <= 0 or generator.speculator is not None or type(generator.cache) is not StaticKVCache:
+        return None
+    return PrefixCache(generator.cache, mb * 2**20)
