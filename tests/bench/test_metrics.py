@@ -59,10 +59,10 @@ def test_prefill_mfu_is_prefill_flops_over_ttft_over_peak():
     from zycompile.bench.metrics import prefill_mfu
 
     a = RequestTiming(arrival=0.0, token_times=[0.5, 0.6], prompt_len=10)
-    b = RequestTiming(arrival=0.0, token_times=[0.25], prompt_len=20)
-    flops = {10: 100.0, 20: 400.0}
+    b = RequestTiming(arrival=0.0, token_times=[0.25], prompt_len=20, cached_len=16)
+    flops = {(10, 0): 100.0, (20, 16): 400.0}.__getitem__
     # a: 100 / 0.5 / 1000 = 0.2; b: 400 / 0.25 / 1000 = 1.6; median of two = their mean
-    assert prefill_mfu([a, b], flops, 1000.0) == pytest.approx(0.9)
+    assert prefill_mfu([a, b], lambda n, cached: flops((n, cached)), 1000.0) == pytest.approx(0.9)
 
 
 def test_prefill_flops_counts_linears_causal_attention_and_one_head_row():
@@ -84,6 +84,9 @@ def test_prefill_flops_counts_linears_causal_attention_and_one_head_row():
     t = 7
     want = 2 * layers * per_layer * t + 2 * 2 * layers * h * hd * (t * (t + 1) / 2) + 2 * v * d
     assert prefill_flops(model, t) == pytest.approx(want)
+    # with the first 3 tokens' K/V from the prefix cache: 4 computed tokens, queries 3..6 see 4..7 keys
+    want = 2 * layers * per_layer * 4 + 2 * 2 * layers * h * hd * (4 + 5 + 6 + 7) + 2 * v * d
+    assert prefill_flops(model, t, cached=3) == pytest.approx(want)
 
 
 def test_random_prompts_share_one_prefix_of_prefix_len_tokens():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -125,7 +126,7 @@ def cmd_bench(args) -> int:
         if int(os.environ.get("WORLD_SIZE", "1")) == 1
         else None
     )
-    flops = {n: prefill_flops(opt.model, n) for n in {len(it.prompt_ids) for it in items}}
+    flops = functools.cache(lambda n, cached: prefill_flops(opt.model, n, cached))
     machine = machine_line()
     log(machine)
 

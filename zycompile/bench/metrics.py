@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+from collections.abc import Callable
 
 
 @dataclasses.dataclass
@@ -83,8 +84,9 @@ def tokens_per_dollar(output_throughput: float, price_per_hour: float | None) ->
     return output_throughput * 3600.0 / price_per_hour
 
 
-def prefill_mfu(timings: list[RequestTiming], flops_by_len: dict[int, float], peak: float) -> float:
+def prefill_mfu(timings: list[RequestTiming], flops: Callable[[int, int], float], peak: float) -> float:
     """Median over requests of prefill FLOPs / TTFT / peak FLOP/s: how close time to first token comes
-    to the machine's compute ceiling (meaningful where TTFT is prefill alone: concurrency 1)."""
+    to the machine's compute ceiling (meaningful where TTFT is prefill alone: concurrency 1).
+    ``flops(prompt_len, cached_len)``: the FLOPs the prefill computed (the prefix cache's are not)."""
     done = [t for t in timings if t.token_times and t.ttft > 0]
-    return _pct([flops_by_len[t.prompt_len] / t.ttft / peak for t in done], 0.5)
+    return _pct([flops(t.prompt_len, t.cached_len) / t.ttft / peak for t in done], 0.5)

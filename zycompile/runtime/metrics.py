@@ -70,9 +70,10 @@ def mbu(bytes_per_step: float, steps_per_s: float, bandwidth: float) -> float:
     return bytes_per_step * steps_per_s / bandwidth
 
 
-def prefill_flops(model: torch.nn.Module, prompt_len: int) -> float:
-    """FLOPs of prefilling one ``prompt_len``-token prompt: every linear but the LM head once per token,
-    causal attention's two products, and the LM head for the last token only (what TTFT waits for).
+def prefill_flops(model: torch.nn.Module, prompt_len: int, cached: int = 0) -> float:
+    """FLOPs of prefilling one ``prompt_len``-token prompt whose first ``cached`` tokens' K/V came from
+    the prefix cache: every linear but the LM head once per computed token, causal attention's two
+    products for the computed queries, and the LM head for the last token only (what TTFT waits for).
     A dense count: an MoE model's linears are all counted, as if every expert ran."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linear = sum(
@@ -80,9 +81,10 @@ def prefill_flops(model: torch.nn.Module, prompt_len: int) -> float:
     )
     text = _text_config(model.config)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    pairs = prompt_len * (prompt_len + 1) / 2  # query-key pairs under a causal mask
+    # query-key pairs under a causal mask, queries [cached, prompt_len): query i sees i + 1 keys
+    pairs = (prompt_len * (prompt_len + 1) - cached * (cached + 1)) / 2
     attn = 2 * 2 * text.num_hidden_layers * text.num_attention_heads * head_dim * pairs
-    return 2 * linear * prompt_len + attn + (2 * head.weight.numel() if head is not None else 0)
+    return 2 * linear * (prompt_len - cached) + attn + (2 * head.weight.numel() if head is not None else 0)
 
 
 @functools.lru_cache(maxsize=4)
