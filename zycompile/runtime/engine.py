@@ -5,9 +5,10 @@ decode step for every request already decoding, so new requests' prefill interle
 others' decoding and nobody's tokens stall for a whole long prompt. With no request decoding (and a
 symbolic-length prefill graph) the chunk is the whole rest of the prompt: nobody is waiting. A prompt
 that opens like an earlier one starts from the prefix cache's copy of those blocks (prefix_cache.py).
-Requests take the lowest free slot; the decode batch is the smallest batch bucket covering the highest busy slot, so there is one
-compiled decode graph per bucket and no recompiles in steady state. A request that cannot run (too
-long, empty, bad sampling parameters) is rejected alone with its error; the others go on.
+Requests take the lowest free slot; the decode batch is the smallest batch bucket covering the
+highest busy slot, so there is one compiled decode graph per bucket and no recompiles in steady
+state. A request that cannot run (too long, empty, bad sampling parameters) is rejected alone with
+its error; the others go on.
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ class PrefixCache:
         self.blocks: OrderedDict[tuple[int, tuple[int, ...]], tuple[int, torch.Tensor, torch.Tensor]] = (
             OrderedDict()
         )
+        # every block holds `block` slots of every layer's keys and values
+        self.block_bytes = sum(t[0, :, :block].nbytes for t in (*cache.keys, *cache.values))
         self.bytes = 0
         self._ids = itertools.count(1)  # 0: the root every chain starts from
         self.lookup_tokens = self.hit_tokens = 0
@@ -44,22 +46,31 @@ class PrefixCache:
     def _span(self, i: int) -> slice:
         return slice(i * self.block, (i + 1) * self.block)
 
-    def _touch(self, chain: list[tuple[int, tuple[int, ...]]]) -> None:
-        for key in reversed(chain):  # the first block ends most recent: children are evicted first
+    def _chain(self, prompt: list[int], n: int, slot: int | None = None) -> list[tuple[int, tuple[int, ...]]]:
+        """Keys of the first ``n`` blocks of ``prompt``, up to the first one not cached; with ``slot``,
+        a missing block is copied out of that cache row instead. The chain is touched from its last
+        block back to its first, so the first ends most recent and children are evicted first."""
+        chain, parent = [], 0
+        for i in range(n):
+            key = (parent, tuple(prompt[self._span(i)]))
+            entry = self.blocks.get(key)
+            if entry is None:
+                if slot is None:
+                    break
+                k = torch.stack([ck[slot, :, self._span(i)] for ck in self.cache.keys])
+                v = torch.stack([cv[slot, :, self._span(i)] for cv in self.cache.values])
+                entry = self.blocks[key] = (next(self._ids), k, v)
+                self.bytes += self.block_bytes
+            chain.append(key)
+            parent = entry[0]
+        for key in reversed(chain):
             self.blocks.move_to_end(key)
+        return chain
 
     def load(self, prompt: list[int], slot: int) -> int:
         """Copy the longest cached block prefix of ``prompt`` into cache row ``slot``, leaving at least
         ``MIN_PREFILL`` tokens to prefill; returns how many prompt tokens it covers."""
-        chain, parent = [], 0
-        for i in range(max(len(prompt) - MIN_PREFILL, 0) // self.block):
-            key = (parent, tuple(prompt[self._span(i)]))
-            entry = self.blocks.get(key)
-            if entry is None:
-                break
-            chain.append(key)
-            parent = entry[0]
-        self._touch(chain)
+        chain = self._chain(prompt, max(len(prompt) - MIN_PREFILL, 0) // self.block)
         for i, key in enumerate(chain):
             _, k, v = self.blocks[key]
             for layer, (ck, cv) in enumerate(zip(self.cache.keys, self.cache.values)):
@@ -71,24 +82,12 @@ class PrefixCache:
 
     def store(self, prompt: list[int], slot: int) -> None:
         """Keep the full blocks of ``prompt``, just prefilled into row ``slot``, that are not cached yet."""
-        chain, parent = [], 0
-        for i in range(len(prompt) // self.block):
-            key = (parent, tuple(prompt[self._span(i)]))
-            entry = self.blocks.get(key)
-            if entry is None:
-                k = torch.stack([ck[slot, :, self._span(i)] for ck in self.cache.keys])
-                v = torch.stack([cv[slot, :, self._span(i)] for cv in self.cache.values])
-                size = k.nbytes + v.nbytes
-                if size > self.max_bytes:
-                    break
-                entry = self.blocks[key] = (next(self._ids), k, v)
-                self.bytes += size
-            chain.append(key)
-            parent = entry[0]
-        self._touch(chain)
+        if self.block_bytes > self.max_bytes:  # not even one block fits
+            return
+        self._chain(prompt, len(prompt) // self.block, slot)
         while self.bytes > self.max_bytes:
-            _, (_, k, v) = self.blocks.popitem(last=False)
-            self.bytes -= k.nbytes + v.nbytes
+            self.blocks.popitem(last=False)
+            self.bytes -= self.block_bytes
 
 
 def prefix_cache_for(generator) -> PrefixCache | None:
