@@ -17,6 +17,7 @@ import torch
 import zycompile
 from zycompile.models import load_model
 from zycompile.runtime import step_cache
+from zycompile.runtime.eagle import EagleHead, save_head
 from zycompile.tuning import db as tdb
 from zycompile.tuning.candidates import DEFAULT
 from zycompile.tuning.shapes import collect
@@ -36,10 +37,12 @@ CHILD = textwrap.dedent(
     out = gen.generate([json.loads(sys.argv[2])], max_new_tokens=6, ignore_eos=True)
     st, spec = gen.compiled_step, gen.speculator
     fwd = spec.compiled_forward if spec else None
+    drf = getattr(spec.drafter, "compiled", None) if spec else None
     print("RESULT " + json.dumps(
         {"tokens": out.tokens, "loaded": st.loaded, "saved": st.saved, "traced": len(opt.compile_report().graphs),
          "plans_used": sum(1 for p in PLANS.values() if p.table and p.states), "said": said,
-         "verify": fwd and {"loaded": fwd.loaded, "saved": fwd.saved, "ran": spec.stats.drafted > 0}}
+         "verify": fwd and {"loaded": fwd.loaded, "saved": fwd.saved, "ran": spec.stats.drafted > 0},
+         "draft": drf and {"loaded": drf.loaded, "saved": drf.saved}}
     ))
     """
 )
@@ -178,3 +181,33 @@ def test_speculative_verify_graphs_are_saved_and_loaded_by_a_new_process(tmp_pat
     assert warm["tokens"] == want
     assert warm["verify"]["loaded"] == cold["verify"]["saved"] and warm["verify"]["saved"] == 0
     assert any(m.startswith("loading saved verify graph") for m in warm["said"])
+
+
+@pytest.mark.inductor
+def test_eagle_head_graphs_are_saved_and_keyed_by_the_head_file(tmp_path):
+    model = load_model("tiny:llama").model
+    torch.manual_seed(0)
+    head = EagleHead(model.config, type(model.model.layers[0]), torch.arange(0, 512, 2))
+    path = tmp_path / "head.safetensors"
+    save_head(head, path, {"target": "tiny:llama", "hidden_size": 64, "vocab_size": 512})
+    spec = {"method": "eagle", "eagle_head": str(path), "num_tokens": 2}
+    data = {**recipe(tmp_path), "speculative": spec}
+    cache = tmp_path / "steps"
+    want = zycompile.optimize(None, {**data, "lowering": {"backend": "aot_eager"}}).generator()
+    want = want.generate([PROMPT], max_new_tokens=6, ignore_eos=True).tokens
+    cold = child(data, cache)
+    assert cold["tokens"] == want and cold["verify"]["ran"]
+    assert cold["draft"]["saved"] >= 2 and cold["draft"]["loaded"] == 0  # prefill entries + drafting
+    warm = child(data, cache)
+    assert warm["tokens"] == want and warm["traced"] == 0  # no graph traced, the head's included
+    assert warm["draft"] == {"loaded": cold["draft"]["saved"], "saved": 0}
+
+    # another head with the same shapes is another key: its graphs are built, not the old ones loaded
+    torch.manual_seed(1)
+    save_head(
+        EagleHead(model.config, type(model.model.layers[0]), torch.arange(0, 512, 2)),
+        path,
+        {"target": "tiny:llama", "hidden_size": 64, "vocab_size": 512},
+    )
+    other = child(data, cache)
+    assert other["draft"] == {"loaded": 0, "saved": cold["draft"]["saved"]}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from zycompile.errors import RecipeError
-from zycompile.runtime.compiled import compile_step
+from zycompile.runtime.step_cache import compile_cached_step
 
 
 class Drafter:
@@ -165,7 +165,10 @@ class EarlyExitDrafter(Drafter):
         self.exit = copy.copy(gen.decoder)
         self.exit.config = copy.deepcopy(gen.decoder.config)
         self.exit.config.num_hidden_layers = exit_layer
-        self.compiled = compile_step(self._step, gen.opt.backend)
+        # Saved like the target's steps (no trace in a new process, no per-module guards per call);
+        # the recipe hash in the key covers exit_layer.
+        self.model, self.recipe, self.device = gen.model, gen.recipe, gen.device
+        self.compiled = compile_cached_step(self._step, gen.opt.backend, self, ("ids", "pos"))
 
     def _step(self, ids, pos):
         gen = self.gen

@@ -17,6 +17,7 @@ d_1), then k-1 one-token forwards feed the head's own prediction g back as the n
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ import torch
 from torch import nn
 
 from zycompile.errors import RecipeError
-from zycompile.runtime.compiled import compile_step
 from zycompile.runtime.drafters import Drafter
 from zycompile.runtime.kv_cache import StaticKVCache
+from zycompile.runtime.step_cache import compile_cached_step
 
 HEAD_FORMAT = "zycompile-eagle-1"
 
@@ -128,7 +129,8 @@ class EagleDrafter(Drafter):
         if not gen._can_split_head():
             raise RecipeError("speculative.method 'eagle' needs a decoder + linear LM head model")
         self.gen = gen
-        self.head, self.meta = load_head(resolve_head_path(gen.recipe), gen.model, gen.dtype)
+        path = resolve_head_path(gen.recipe)
+        self.head, self.meta = load_head(path, gen.model, gen.dtype)
         self.head.to(gen.device)
         layout_like_target(self.head, gen.recipe)
         with torch.no_grad():
@@ -148,7 +150,14 @@ class EagleDrafter(Drafter):
         rows = gen.cache.batch
         self.feat = torch.zeros(rows, self.width, text.hidden_size, dtype=gen.dtype, device=gen.device)
         self.start = [0] * rows  # entries start..pos-1 are pending (features known, not yet in the cache)
-        self.compiled = compile_step(self._draft, gen.opt.backend)
+        # Saved to disk like the target's steps: a new process loads the head's graphs instead of
+        # tracing them, and a call checks only its arguments' guards, not Dynamo's. The key adds the
+        # head file, whose weights the target's parameters do not cover.
+        self.model, self.recipe, self.device = gen.model, gen.recipe, gen.device
+        self.step_key = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.compiled = compile_cached_step(
+            self._draft, gen.opt.backend, self, ("feat", "ids", "pos", "last", "rows")
+        )
         self.max_pos = gen.max_seq_len - 1
         self.threshold = spec.draft_confidence
 

@@ -82,6 +82,8 @@ def model_key(owner: Any, fn_name: str) -> str:
             "recipe": recipe.compute_hash(),
             "config": model.config.to_json_string(use_diff=False),
             "params": params,
+            # what else the step reads that the target's parameters do not cover (a draft head's weights)
+            "extra": getattr(owner, "step_key", ""),
         },
         sort_keys=True,
         default=str,
