@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zycompile.ops import cpu_decode_attention
+from zycompile.ops import cpu_decode_attention, cpu_kernels
 from zycompile.ops.attention import attention, reference_attention
 
 kernel = cpu_decode_attention.load()
@@ -91,8 +91,9 @@ def test_unbuildable_kernel_falls_back_to_sdpa_and_says_so_once(monkeypatch, cap
     def no_compiler(*a, **kw):
         raise RuntimeError("Ninja is required to load C++ extensions")
 
-    monkeypatch.setattr(ext, "load_inline", no_compiler)
+    monkeypatch.setattr(ext, "load", no_compiler)
     cpu_decode_attention.load.cache_clear()
+    cpu_kernels.build.cache_clear()
     try:
         q, k, v = _qkv(6, 1, 3, 3, 1, 80, 64)
         mask = _prefix([70], 1, 80)
@@ -103,4 +104,6 @@ def test_unbuildable_kernel_falls_back_to_sdpa_and_says_so_once(monkeypatch, cap
         assert err.count("CPU decode-attention kernel unavailable (Ninja is required") == 1
         assert "using SDPA" in err
     finally:
-        cpu_decode_attention.load.cache_clear()  # the next caller loads the built kernel again
+        monkeypatch.undo()
+        cpu_kernels.build.cache_clear()  # the next caller loads the built kernels again
+        cpu_decode_attention.load.cache_clear()

@@ -1,7 +1,9 @@
-"""small_gemm: small-M linears become fused per-row reductions; same tokens, prefill GEMMs untouched."""
+"""small_gemm: small-M linears become the C++ small_linear kernel or fused per-row reductions; same
+tokens, prefill GEMMs untouched, a clear note when the kernel cannot be built."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import zycompile
@@ -59,3 +61,70 @@ def test_k_major_weights_are_left_alone_with_a_note():
     assert report.matches("small_gemm") == 0
     notes = [n for r in report.passes if r.name == "small_gemm" for n in r.notes]
     assert any("not row-major" in n for n in notes), notes
+
+
+def _linear_graph(m=4):
+    lin = torch.nn.Linear(64, 48)
+    gm = torch.fx.symbolic_trace(lin)
+    x = torch.randn(m, 64)
+    for node in gm.graph.nodes:  # the pass reads shapes from node.meta["val"]
+        if node.op == "placeholder":
+            node.meta["val"] = x
+        elif node.op == "get_attr":
+            node.meta["val"] = getattr(lin, node.target)
+        elif node.op == "call_function":
+            node.meta["val"] = lin(x)
+    return lin, gm, x
+
+
+def _run_pass(gm, exporting=False, **opts):
+    from zycompile.passes.base import PassContext
+    from zycompile.passes.small_gemm import SmallGemmPass
+
+    ctx = PassContext(zycompile.load_recipe(recipe([])), exporting=exporting)
+    return SmallGemmPass(SmallGemmPass.Options(**opts), ctx)(gm)
+
+
+def _targets(gm):
+    return {n.target for n in gm.graph.nodes if n.op == "call_function"}
+
+
+def test_kernel_auto_calls_the_cpp_kernel_reduction_and_export_do_not():
+    from zycompile.ops import cpu_kernels
+
+    if cpu_kernels.build() is not None:
+        pytest.skip("C++ kernels unavailable")
+    kernel = torch.ops.zycompile_cpu.small_linear.default
+    for opts, exporting, want in [
+        ({}, False, True),
+        ({"kernel": "reduction"}, False, False),
+        ({}, True, False),
+    ]:
+        lin, gm, x = _linear_graph()
+        result = _run_pass(gm, exporting, **opts)
+        assert result.matches == 1 and (kernel in _targets(gm)) == want, (opts, exporting)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unbuildable_kernel_falls_back_to_reductions_with_a_note(monkeypatch):
+    from zycompile.ops import cpu_kernels
+
+    monkeypatch.setattr(cpu_kernels, "build", lambda: "Ninja is required to load C++ extensions")
+    lin, gm, x = _linear_graph()
+    result = _run_pass(gm)
+    assert result.matches == 1 and torch.sum in _targets(gm)
+    assert result.notes == [
+        "C++ small_linear kernel unavailable (Ninja is required to load C++ extensions); "
+        "using Inductor reductions"
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,msg", [({"kernel": "fast"}, "kernel"), ({"max_m": 17}, "max_m")])
+def test_bad_options_name_the_key(bad, msg):
+    from zycompile.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=msg):
+        zycompile.load_recipe(recipe([{"name": "small_gemm", **bad}]))

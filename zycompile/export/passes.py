@@ -110,7 +110,7 @@ def apply_passes(
     while True:
         run = dataclasses.replace(recipe, passes=tuple(kept))
         report = CompileReport(recipe.compute_hash())
-        ctx = PassContext(run, list(args), index, state)
+        ctx = PassContext(run, list(args), index, state, exporting=True)
         pre = PassManager(run, "pre_grad", ctx, report)
         post = PostGradHook(PassManager(run, "post_grad", ctx, report))
         if not pre:

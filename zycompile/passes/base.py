@@ -41,6 +41,7 @@ class PassContext:
     state: dict[str, Any] = dataclasses.field(
         default_factory=dict
     )  # per-optimize scratch shared across graphs
+    exporting: bool = False  # the graph goes into a package (AOTInductor), not this process only
 
 
 class GraphPass:

@@ -1,0 +1,60 @@
+"""zycompile's C++ kernels for CPU (``csrc/*.cpp``), built into one extension on first use.
+
+Built with ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja; the build is cached per
+machine, ~35 s from scratch on 2 cores), for the vector ISA ATen itself dispatches to here, as
+Inductor's C++ kernels are. Each user of a kernel has its own fallback when the build fails
+(``cpu_decode_attention``: SDPA; ``small_gemm``: Inductor's reductions) and says so once.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("decode_attention.cpp", "small_linear.cpp")]
+
+_ISA_FLAGS = {
+    "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
+    "AVX2": ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"],
+}
+
+
+@functools.cache
+def build() -> str | None:
+    """Build or load the extension (its ops land in ``torch.ops.zycompile_cpu``); None if it is there,
+    else why not (the first line of the error)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+        load(
+            name="zycompile_cpu_kernels",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *isa],  # OpenMP: at::parallel_for
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+        _register_fakes()
+        return None
+    except Exception as e:  # no compiler, no ninja, a header mismatch: the callers fall back
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+_FAKES: list[
+    str
+] = []  # registered once per process (a rebuild after ``build.cache_clear`` must not repeat it)
+
+
+def _register_fakes() -> None:
+    """Shapes for tracing: ``small_linear`` goes into compiled graphs as it is."""
+    if _FAKES:
+        return
+
+    def small_linear(x, w, bias=None):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    torch.library.register_fake("zycompile_cpu::small_linear", small_linear)
+    _FAKES.append("small_linear")
