@@ -11,6 +11,7 @@ import zycompile
 from zycompile.cli import main
 from zycompile.errors import TuningDBError
 from zycompile.models import load_model
+from zycompile.ops import cpu_kernels
 from zycompile.recipe import load_recipe
 from zycompile.runtime.compiled import compile_step
 from zycompile.tuning import db as tdb
@@ -57,6 +58,7 @@ def test_candidates_time_and_a_wrong_one_is_discarded():
     names = {c.name for c in cands}
     assert cands[0].name == DEFAULT and {"onednn", "onednn_packed", "mkl_packed", "inductor_cpp"} <= names
     assert ("split_n" in names) == (torch.get_num_threads() > 1)
+    assert ("small_linear" in names) == (cpu_kernels.build() is None)
     cands = [c for c in cands if c.name != "inductor_cpp"]  # compiled and checked in its own test below
     timings = time_candidates(shape, [*cands, wrong], FAST)
     assert [t.candidate for t in timings] == [c.name for c in cands] + ["wrong"]
@@ -373,3 +375,46 @@ def test_an_untuned_m_borrows_the_nearest_tuned_m_any_m_winner(tmp_path):
             assert any("nearest tuned M" in n and f"M={m} " in n and "from M=2" in n for n in rec.notes)
         else:
             assert "not in db 9" in rec.notes[0]
+
+
+@pytest.mark.skipif(cpu_kernels.build() is not None, reason="C++ kernels unavailable")
+def test_small_linear_winners_are_left_to_small_gemm_and_tokens_stay_the_same(tmp_path):
+    prompts = [[1, 5, 9, 13, 2, 7, 3], [4, 4, 8]]
+    base = ["canonicalize_attention", "fuse_projections"]
+    want = zycompile.optimize(load_model("tiny:llama").model, recipe(passes=base)).generate(
+        prompts, max_new_tokens=5
+    )
+    model = load_model("tiny:llama").model
+    path = forced_db(collect(recipe(passes=base), model), "small_linear").save(tmp_path / "db.yaml")
+    passes = [*base, {"name": "tuned_gemm", "db": str(path)}, "small_gemm"]
+    opt = zycompile.optimize(model, load_recipe({**TINY, "passes": passes}))
+    assert opt.generate(prompts, max_new_tokens=5).tokens == want.tokens
+    records = opt.compile_report().passes
+    tuned = [r for r in records if r.name == "tuned_gemm"]
+    small = [r for r in records if r.name == "small_gemm"]
+    # decode graphs (M = 1, 2; 9 linears): small_linear won, so small_gemm writes the kernel call itself
+    # instead of tuned_gemm's dispatch op; prefill GEMMs (M >= 16) are swapped as usual
+    decode = [t for t, sm in zip(tuned, small) if sm.matches == 9]
+    assert decode and all(t.matches == 0 and "left to small gemm 9" in t.notes[0] for t in decode)
+    assert any(t.matches > 0 for t in tuned)
+
+
+@pytest.mark.skipif(not torch._C.has_mkl, reason="MKL unavailable")
+def test_per_m_packing_is_never_chosen_for_or_repeated_at_a_dynamic_m():
+    from zycompile.ops.tuned_linear import PLANS, plan_for, tuned_linear
+    from zycompile.passes.base import PassContext
+    from zycompile.passes.tuned_gemm import TunedGemmPass
+
+    entry = tdb.Entry("mkl_packed", {DEFAULT: 3.0, "mkl_packed": 1.0, "onednn_packed": 1.5})
+    tuned = TunedGemmPass(TunedGemmPass.Options(), PassContext(recipe()))
+    assert tuned._choose(entry, 1.03, torch.float32, dynamic=False) == "mkl_packed"  # static M: packed once
+    assert tuned._choose(entry, 1.03, torch.float32, dynamic=True) == "onednn_packed"  # any-M instead
+
+    # a plan from an older database: its M = 16 packing must not be redone for every prompt length
+    w = torch.randn(48, 32)
+    pid = plan_for(w)
+    PLANS[pid].table.update({16: "mkl_packed"})
+    for m in (16, 20, 23):
+        x = torch.randn(m, 32)
+        torch.testing.assert_close(tuned_linear(x, w, None, pid), torch.nn.functional.linear(x, w))
+    assert sorted(k for k in PLANS[pid].states) == [("mkl_packed", 16)]

@@ -107,7 +107,9 @@ def _tuned_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m = x2.shape[0]
     cand = CANDIDATES[p.pick(m)]
-    if cand.exact_m and m not in p.table:  # a static-shape kernel tuned for another M (dynamic prefill)
+    if (cand.exact_m or cand.per_m) and m not in p.table:
+        # a kernel or packing made for another M (a dynamic prefill): preparing one per new length
+        # would re-pack the weight on every prompt and keep each copy
         return F.linear(x, w, b)
     y = cand.run(x2, p.state(cand, w, m), b)
     return y.reshape(*x.shape[:-1], w.shape[0])

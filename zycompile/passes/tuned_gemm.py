@@ -141,7 +141,15 @@ class TunedGemmPass(GraphPass):
         notes: list[str] = []
         if db is None:
             notes.append(db_missing_note(device))
-        counts = dict(swapped=0, default_fastest=0, not_in_db=0, below_min_m=0, decompose_mm=0, untunable=0)
+        counts = dict(
+            swapped=0,
+            default_fastest=0,
+            not_in_db=0,
+            below_min_m=0,
+            decompose_mm=0,
+            untunable=0,
+            left_to_small_gemm=0,
+        )
         self.nearest: list[str] = []
         used: dict[str, int] = {}
         missing: set[str] = set()
@@ -167,6 +175,9 @@ class TunedGemmPass(GraphPass):
                 continue
             if all(name == DEFAULT for name in table.values()):
                 counts["default_fastest"] += 1
+                continue
+            if set(table.values()) == {"small_linear"} and self._small_gemm_takes(site.m):
+                counts["left_to_small_gemm"] += 1  # it calls the same kernel, without our dispatch op
                 continue
             pid = plan_for(site.weight)
             plan = PLANS[pid]
@@ -204,6 +215,13 @@ class TunedGemmPass(GraphPass):
             log.warning("tuned_gemm: graph %d: %s", self.ctx.graph_index, "; ".join(notes[:2]))
         return PassResult(modified=counts["swapped"] > 0, matches=counts["swapped"], notes=notes)
 
+    def _small_gemm_takes(self, m: int | None) -> bool:
+        """Whether the recipe's ``small_gemm`` (later in the graph) writes this static M as the kernel."""
+        spec = next((p for p in self.ctx.recipe.passes if p.name == "small_gemm"), None)
+        return (
+            m is not None and spec is not None and spec.options.kernel == "auto" and m <= spec.options.max_m
+        )
+
     def _table(self, db, shape, m) -> dict[int, str]:
         """M -> candidate for this site (empty: not in the database)."""
         if db is None:
@@ -216,7 +234,8 @@ class TunedGemmPass(GraphPass):
             # This M was never timed (a verify width k + 1 no bucket runs): the nearest tuned M's
             # fastest candidate that serves any M, which beats leaving the GEMM to the default.
             self.nearest.append(f"M={m} N={shape.n} K={shape.k} from M={near}")
-            return {m: self._choose(db.lookup(dataclasses.replace(shape, m=near)), db.margin, dtype, True)}
+            near_entry = db.lookup(dataclasses.replace(shape, m=near))
+            return {m: self._choose(near_entry, db.margin, dtype, dynamic=False, borrowed=True)}
         entries = (
             {m: db.lookup(shape)}
             if m is not None
@@ -231,21 +250,23 @@ class TunedGemmPass(GraphPass):
         ms = [k for k in db.family(shape) if k >= self.opts.min_m and max(k / m, m / k) <= NEAREST_RATIO]
         return min(ms, key=lambda k: (abs(math.log(k / m)), -k)) if ms else None
 
-    def _choose(self, entry, margin: float, dtype: torch.dtype, dynamic: bool) -> str:
+    def _choose(self, entry, margin: float, dtype: torch.dtype, dynamic: bool, borrowed: bool = False) -> str:
         """The database's winner, or with ``weight_copies: false`` the fastest candidate that keeps one
         copy of the weights; the default unless it beat it by the margin (and ``min_speedup``). A
-        symbolic-M graph skips candidates compiled for one M (``inductor_cpp``): it would rarely run
-        exactly that M, and would pay their compile time and packed copies for nothing."""
+        symbolic-M graph, or a static M borrowing another M's timing, skips candidates compiled for one
+        M (``inductor_cpp``): they would rarely run exactly that M, and would pay their compile time and
+        packed copies for nothing. A symbolic-M graph also skips candidates prepared per M
+        (``mkl_packed``): each new prompt length would pack every weight again, and keep the copy."""
         times = entry.times_ms
         base = times.get(DEFAULT)
         names = [entry.winner]
-        if dynamic or not self.opts.weight_copies:
+        if dynamic or borrowed or not self.opts.weight_copies:
             names = sorted((n for n, t in times.items() if t), key=lambda n: times[n])
         for name in names:
             cand = CANDIDATES.get(name)  # None: e.g. a hipBLASLt solution, meaningless on CPU
             if cand is None or name == DEFAULT or (cand.copies_weight and not self.opts.weight_copies):
                 continue
-            if dynamic and cand.exact_m:
+            if (dynamic or borrowed) and cand.exact_m or dynamic and cand.per_m:
                 continue
             speedup = base / times[name] if base and times.get(name) else 0.0
             if speedup >= max(margin, self.opts.min_speedup) and cand.available(torch.device("cpu"), dtype):

@@ -9,8 +9,9 @@ CPU candidates (fp32/bf16): ``aten_relayout`` (the other weight layout, row-majo
 ``mkl_packed`` (MKL's packed GEMM, as Inductor's freezing path uses; fp32 only), ``onednn`` (oneDNN
 inner product on the plain weight), ``onednn_packed`` (oneDNN on a weight reordered to its blocked
 format once), ``inductor_cpp`` (Inductor's C++ GEMM template, compiled per weight and M with the weight
-frozen in; static M only) and ``split_n`` (the weight's rows split into one block per thread, each
-multiplied by single-threaded BLAS on its own worker). GPU candidates (CUDA/ROCm): ``aten`` (cuBLAS/hipBLASLt through ``F.linear``) against a
+frozen in; static M only), ``split_n`` (the weight's rows split into one block per thread, each
+multiplied by single-threaded BLAS on its own worker) and ``small_linear`` (zycompile's C++ kernel for
+up to 16 rows, ``ops/csrc/small_linear.cpp``; more rows run the default). GPU candidates (CUDA/ROCm): ``aten`` (cuBLAS/hipBLASLt through ``F.linear``) against a
 sweep of Triton tile configs ``triton_<BM>x<BN>x<BK>_s<SPLIT_K>`` (``ops/triton_matmul.py``), split-K
 ones for skinny decode GEMMs.
 """
@@ -172,6 +173,20 @@ def _split_n_run(x, blocks, b):
     return out
 
 
+def _small_linear_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    from zycompile.ops import cpu_kernels
+
+    return device.type == "cpu" and dtype == torch.float32 and cpu_kernels.build() is None
+
+
+def _small_linear_run(x, w, b):
+    from zycompile.passes.small_gemm import MAX_KERNEL_M
+
+    if x.shape[0] > MAX_KERNEL_M or w.stride() != (w.shape[1], 1):  # more rows, or a K-major weight
+        return F.linear(x, w, b)
+    return torch.ops.zycompile_cpu.small_linear.default(x, w, b)
+
+
 CANDIDATES: dict[str, Candidate] = {
     c.name: c
     for c in [
@@ -215,6 +230,9 @@ CANDIDATES: dict[str, Candidate] = {
             available=_onednn_ok,  # the template's weight packing and micro-kernels: oneDNN's ISA checks
         ),
         Candidate("split_n", _split_n_prepare, _split_n_run, copies_weight=False, available=_split_n_ok),
+        Candidate(
+            "small_linear", lambda w, m: w, _small_linear_run, copies_weight=False, available=_small_linear_ok
+        ),
     ]
 }
 
