@@ -165,16 +165,22 @@ def test_a_step_that_cannot_be_saved_is_traced_alone(monkeypatch, caplog, tmp_pa
     assert "[4, 2]" in caplog.text and "not saved" in caplog.text
 
 
-@pytest.mark.inductor
-def test_speculative_verify_graphs_are_saved_and_loaded_by_a_new_process(tmp_path):
-    # a draft model drafts every round, so verify graphs run
-    spec = {"method": "draft_model", "draft_model": "tiny:llama", "num_tokens": 2}
+def speculative_cold_run(tmp_path, spec):
+    """A first process with ``spec`` (empty step cache) and the tokens it must give; verifies ran."""
     data = {**recipe(tmp_path), "speculative": spec}
     cache = tmp_path / "steps"
     want = zycompile.optimize(None, {**data, "lowering": {"backend": "aot_eager"}}).generator()
     want = want.generate([PROMPT], max_new_tokens=6, ignore_eos=True).tokens
     cold = child(data, cache)
     assert cold["tokens"] == want and cold["verify"]["ran"]
+    return data, cache, want, cold
+
+
+@pytest.mark.inductor
+def test_speculative_verify_graphs_are_saved_and_loaded_by_a_new_process(tmp_path):
+    # a draft model drafts every round, so verify graphs run
+    spec = {"method": "draft_model", "draft_model": "tiny:llama", "num_tokens": 2}
+    data, cache, want, cold = speculative_cold_run(tmp_path, spec)
     assert cold["verify"]["saved"] >= 1 and cold["verify"]["loaded"] == 0
     assert any(m.startswith("compiling verify graph") for m in cold["said"])
     warm = child(data, cache)
@@ -191,12 +197,7 @@ def test_eagle_head_graphs_are_saved_and_keyed_by_the_head_file(tmp_path):
     path = tmp_path / "head.safetensors"
     save_head(head, path, {"target": "tiny:llama", "hidden_size": 64, "vocab_size": 512})
     spec = {"method": "eagle", "eagle_head": str(path), "num_tokens": 2}
-    data = {**recipe(tmp_path), "speculative": spec}
-    cache = tmp_path / "steps"
-    want = zycompile.optimize(None, {**data, "lowering": {"backend": "aot_eager"}}).generator()
-    want = want.generate([PROMPT], max_new_tokens=6, ignore_eos=True).tokens
-    cold = child(data, cache)
-    assert cold["tokens"] == want and cold["verify"]["ran"]
+    data, cache, want, cold = speculative_cold_run(tmp_path, spec)
     assert cold["draft"]["saved"] >= 2 and cold["draft"]["loaded"] == 0  # prefill entries + drafting
     warm = child(data, cache)
     assert warm["tokens"] == want and warm["traced"] == 0  # no graph traced, the head's included

@@ -82,10 +82,7 @@ class SmallGemmPass(GraphPass):
             if w.stride() != (w.shape[1], 1):
                 notes.append(f"{node.name}: weight is not row-major [N, K] (K-major layout?); kept as GEMM")
                 continue
-            if self._use_kernel(w, notes):
-                self._call_kernel(gm, node, m)
-            else:
-                self._rewrite(gm, node, m)
+            self._rewrite(gm, node, m, kernel=self._use_kernel(w, notes))
             matches += 1
         if matches:
             gm.graph.lint()
@@ -106,34 +103,24 @@ class SmallGemmPass(GraphPass):
         return why is None
 
     @staticmethod
-    def _call_kernel(gm: torch.fx.GraphModule, node: torch.fx.Node, m: int) -> None:
+    def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, m: int, kernel: bool) -> None:
         g = gm.graph
         x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
         lead = tuple(meta_val(x).shape[:-1])
         k, n = meta_val(w).shape[1], meta_val(w).shape[0]
         with g.inserting_before(node):
             x2 = _call(g, torch.reshape, (x, (m, k)))
-            out = _call(g, torch.ops.zycompile_cpu.small_linear.default, (x2, w, b))
+            if kernel:
+                out = _call(g, torch.ops.zycompile_cpu.small_linear.default, (x2, w, b))
+            else:
+                rows = []
+                for i in range(m):  # one reduction per row; Inductor fuses them and loads w once
+                    xi = _call(g, operator.getitem, (x2, i))
+                    rows.append(_call(g, torch.sum, (_call(g, torch.mul, (w, xi)), -1)))
+                out = _call(g, torch.stack, (rows, 0)) if m > 1 else _call(g, torch.unsqueeze, (rows[0], 0))
+                if b is not None:
+                    out = _call(g, torch.add, (out, b))
             out = _call(g, torch.reshape, (out, (*lead, n)))
-        node.replace_all_uses_with(out)
-        g.erase_node(node)
-
-    @staticmethod
-    def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, m: int) -> None:
-        g = gm.graph
-        x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
-        lead = tuple(meta_val(x).shape[:-1])
-        k, n = meta_val(w).shape[1], meta_val(w).shape[0]
-        with g.inserting_before(node):
-            x2 = _call(g, torch.reshape, (x, (m, k)))
-            rows = []
-            for i in range(m):  # one reduction per row; Inductor fuses them and loads w once
-                xi = _call(g, operator.getitem, (x2, i))
-                rows.append(_call(g, torch.sum, (_call(g, torch.mul, (w, xi)), -1)))
-            out = _call(g, torch.stack, (rows, 0)) if m > 1 else _call(g, torch.unsqueeze, (rows[0], 0))
-            out = _call(g, torch.reshape, (out, (*lead, n)))
-            if b is not None:
-                out = _call(g, torch.add, (out, b))
         node.replace_all_uses_with(out)
         g.erase_node(node)
 
