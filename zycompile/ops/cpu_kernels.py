@@ -43,18 +43,15 @@ def build() -> str | None:
         return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-_FAKES: list[
-    str
-] = []  # registered once per process (a rebuild after ``build.cache_clear`` must not repeat it)
+# The C++ kernel's row limit (csrc/small_linear.cpp MAX_M); callers route more rows elsewhere.
+SMALL_LINEAR_MAX_M = 16
 
 
+@functools.cache  # once per process: a rebuild after ``build.cache_clear`` must not register again
 def _register_fakes() -> None:
     """Shapes for tracing: ``small_linear`` goes into compiled graphs as it is."""
-    if _FAKES:
-        return
 
     def small_linear(x, w, bias=None):
         return x.new_empty(x.shape[0], w.shape[0])
 
     torch.library.register_fake("zycompile_cpu::small_linear", small_linear)
-    _FAKES.append("small_linear")

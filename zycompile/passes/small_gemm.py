@@ -3,7 +3,7 @@
 ``kernel: auto`` (the default) calls zycompile's C++ kernel ``zycompile_cpu::small_linear``
 (``ops/csrc/small_linear.cpp``) for fp32 graphs where it builds: it reads each weight row once for all
 M rows with MT x NT register tiles, and on the 2-core Xeon runs the SmolLM2 decode GEMMs at M = 1/4/8 in
-27/34/39 ms against BLAS's 28/66/80 ms (``python bench/small_linear.py``). Exported packages, other
+26/36/38 ms against BLAS's 28/72/80 ms (``python bench/small_linear.py``). Exported packages, other
 dtypes, ``kernel: reduction`` and a failed build (said once in the notes) get the reductions below.
 
 A decode step multiplies a few rows (M = batch x tokens, 1-8) by every weight: it is a pure weight
@@ -45,7 +45,7 @@ from zycompile.passes.fuse_projections import LINEAR
 from zycompile.passes.fx_util import propagate_meta
 
 KERNELS = ("auto", "reduction")
-MAX_KERNEL_M = 16  # the C++ kernel's limit (csrc/small_linear.cpp MAX_M)
+MAX_KERNEL_M = cpu_kernels.SMALL_LINEAR_MAX_M
 
 
 @register_pass

@@ -180,9 +180,9 @@ def _small_linear_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _small_linear_run(x, w, b):
-    from zycompile.passes.small_gemm import MAX_KERNEL_M
+    from zycompile.ops.cpu_kernels import SMALL_LINEAR_MAX_M
 
-    if x.shape[0] > MAX_KERNEL_M or w.stride() != (w.shape[1], 1):  # more rows, or a K-major weight
+    if x.shape[0] > SMALL_LINEAR_MAX_M or w.stride() != (w.shape[1], 1):  # more rows, or a K-major weight
         return F.linear(x, w, b)
     return torch.ops.zycompile_cpu.small_linear.default(x, w, b)
 
