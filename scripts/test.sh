@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 ruff check .
 ruff format --check .
-python -m pytest -q -ra
+python -m pytest -q -ra -n auto --dist loadfile  # a worker per core, a test file per worker

@@ -134,6 +134,7 @@ def one_process_tokens():
     return sharded_generate("none", 1)
 
 
+@pytest.mark.full_world4
 def test_moe_greedy_generation_tp_and_tsp(group, one_process_tokens):
     for mode in ("tp", "tsp"):
         for tokens in group.run(sharded_generate, mode, group.world):

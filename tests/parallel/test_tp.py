@@ -79,6 +79,7 @@ def test_tp_logits_collectives_and_memory(group, source):
         assert abs(mine - total / group.world) / total < 0.02
 
 
+@pytest.mark.full_world4
 def test_tp_greedy_generation_equals_one_process_with_fusion_per_shard(group):
     source, d = ARCHS[0], group.world
     torch._dynamo.reset()

@@ -145,6 +145,7 @@ def test_tsp_logits_collectives_and_memory(group, source):
         assert gemms == ((2 + 2 * MLP_PIECES) * d * LAYERS + 1, 4 * LAYERS + 1)
 
 
+@pytest.mark.full_world4
 def test_tsp_decode_logits_equal_one_process(group):
     """Decode through the sequence-sharded cache (and a second prefill chunk) vs one process's runtime."""
     source = ARCHS[1]
@@ -162,6 +163,7 @@ def test_tsp_decode_logits_equal_one_process(group):
         assert any("'canonicalize_attention' skipped" in w for w in warnings)
 
 
+@pytest.mark.full_world4
 def test_tsp_greedy_generation_tied_llama(group):
     source = ARCHS[0]
     torch._dynamo.reset()

@@ -62,6 +62,7 @@ def single():
     return logits, tokens.tokens
 
 
+@pytest.mark.full_world4
 @pytest.mark.parametrize("overlap", [False, True], ids=["sp", "sp+overlap_comm"])
 def test_tp_sequence_parallel_equals_one_process(group, single, overlap):
     want_logits, want_tokens = single

@@ -55,6 +55,7 @@ def test_single_device_split_kv_equals_plain(want):
     assert [p.matches for p in opt.compile_report().passes if p.name == "tree_attention"][0] == LAYERS
 
 
+@pytest.mark.full_world4
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_greedy_equals_single_process_and_counts_collectives(world, want):
     with LocalGroup(world) as g:

@@ -55,6 +55,7 @@ def _sharded_smollm2_tokens(overrides, prompts):
     return opt.generate(prompts, max_new_tokens=16, ignore_eos=True).tokens
 
 
+@pytest.mark.full
 def test_kv_sharded_over_2_ranks_equals_one_process(opt):
     """Tree attention over a sequence-sharded KV cache, token for token (the 5-prompt, 2- and 4-rank
     check is ``python bench/tree_attention_e2e.py``, kept out of CI for time: every rank prefills)."""

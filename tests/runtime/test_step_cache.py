@@ -177,20 +177,8 @@ def speculative_cold_run(tmp_path, spec):
 
 
 @pytest.mark.inductor
-def test_speculative_verify_graphs_are_saved_and_loaded_by_a_new_process(tmp_path):
-    # a draft model drafts every round, so verify graphs run
-    spec = {"method": "draft_model", "draft_model": "tiny:llama", "num_tokens": 2}
-    data, cache, want, cold = speculative_cold_run(tmp_path, spec)
-    assert cold["verify"]["saved"] >= 1 and cold["verify"]["loaded"] == 0
-    assert any(m.startswith("compiling verify graph") for m in cold["said"])
-    warm = child(data, cache)
-    assert warm["tokens"] == want
-    assert warm["verify"]["loaded"] == cold["verify"]["saved"] and warm["verify"]["saved"] == 0
-    assert any(m.startswith("loading saved verify graph") for m in warm["said"])
-
-
-@pytest.mark.inductor
-def test_eagle_head_graphs_are_saved_and_keyed_by_the_head_file(tmp_path):
+def test_verify_and_eagle_head_graphs_are_saved_and_keyed_by_the_head_file(tmp_path):
+    # a random head drafts every round (no confidence cut), so the verify graphs run too
     model = load_model("tiny:llama").model
     torch.manual_seed(0)
     head = EagleHead(model.config, type(model.model.layers[0]), torch.arange(0, 512, 2))
@@ -199,9 +187,13 @@ def test_eagle_head_graphs_are_saved_and_keyed_by_the_head_file(tmp_path):
     spec = {"method": "eagle", "eagle_head": str(path), "num_tokens": 2}
     data, cache, want, cold = speculative_cold_run(tmp_path, spec)
     assert cold["draft"]["saved"] >= 2 and cold["draft"]["loaded"] == 0  # prefill entries + drafting
+    assert cold["verify"]["saved"] >= 1 and cold["verify"]["loaded"] == 0
+    assert any(m.startswith("compiling verify graph") for m in cold["said"])
     warm = child(data, cache)
     assert warm["tokens"] == want and warm["traced"] == 0  # no graph traced, the head's included
     assert warm["draft"] == {"loaded": cold["draft"]["saved"], "saved": 0}
+    assert warm["verify"]["loaded"] == cold["verify"]["saved"] and warm["verify"]["saved"] == 0
+    assert any(m.startswith("loading saved verify graph") for m in warm["said"])
 
     # another head with the same shapes is another key: its graphs are built, not the old ones loaded
     torch.manual_seed(1)
