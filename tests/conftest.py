@@ -64,4 +64,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("full") or (item.get_closest_marker("full_world4") and _world(item) == 4):
             item.add_marker(skip)
-

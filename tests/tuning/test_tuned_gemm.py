@@ -99,7 +99,8 @@ def test_swapped_model_matches_untuned_logits(tmp_path, winner):
 
 @pytest.mark.parametrize(
     # inductor_cpp's swap is checked by test_swapped_model_matches_untuned_logits; this adds ~40 s of compiles
-    "winner", ["onednn_packed", pytest.param("inductor_cpp", marks=pytest.mark.full)]
+    "winner",
+    ["onednn_packed", pytest.param("inductor_cpp", marks=pytest.mark.full)],
 )
 def test_generation_is_token_identical_with_static_and_dynamic_prefill(tmp_path, winner):
     # inductor_cpp is compiled for one M: the symbolic-M prefill graph keeps the default there
