@@ -36,6 +36,8 @@ DRAFTERS = {
     ),
     "early_exit": ("smollm2-135m", ["speculative.method=early_exit", "speculative.exit_layer=20"]),
     "eagle": ("smollm2-135m-eagle", []),  # k = 1
+    "eagle_k2": ("smollm2-135m-eagle", ["speculative.num_tokens=2"]),
+    "eagle_k3": ("smollm2-135m-eagle", ["speculative.num_tokens=3"]),
     "eagle_k3_cost": (
         "smollm2-135m-eagle",
         ["speculative.num_tokens=3", "speculative.cost_aware=true", "speculative.draft_confidence=0.1"],
