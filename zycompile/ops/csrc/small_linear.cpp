@@ -11,7 +11,8 @@
 // prefetched at the same offset: its C rows are C streams K floats apart that the hardware prefetcher
 // picks up late (each row ends within a few pages). Tiles of weight rows split over threads, so each
 // thread streams one contiguous stretch of w. On the Xeon, SmolLM2's decode GEMMs: M = 1..8 in 26-38 ms
-// against 29-53 ms without the prefetch and one-sweep tiles (bench/small_linear.py).
+// against 29-53 ms without the prefetch and one-sweep tiles (an interleaved A/B of both loops, cold
+// weights; bench/RESULTS.md 2026-11-28 07:2x; bench/small_linear.py times this kernel against BLAS).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
