@@ -107,3 +107,26 @@ def test_unbuildable_kernel_falls_back_to_sdpa_and_says_so_once(monkeypatch, cap
         monkeypatch.undo()
         cpu_kernels.build.cache_clear()  # the next caller loads the built kernels again
         cpu_decode_attention.load.cache_clear()
+
+
+def test_position_mask_is_causal_per_row_and_computed_once_per_graph():
+    from torch._inductor.utils import run_and_get_code
+
+    from zycompile.ops.attention import position_mask
+
+    keys, pos = torch.arange(8), torch.tensor([[2, 3], [5, 6]])
+    m = position_mask(keys, pos)
+    assert m.shape == (2, 1, 2, 8) and torch.equal(m, keys[None, None, None, :] <= pos[:, None, :, None])
+
+    def layers(q, k, v, keys, pos):  # four attention layers sharing one mask, like a decoder
+        mask = position_mask(keys, pos)
+        for _ in range(4):
+            q = attention(q, k, v, mask, 0.5, False)
+        return q
+
+    q, k, v = torch.randn(2, 2, 2, 4), torch.randn(2, 2, 8, 4), torch.randn(2, 2, 8, 4)
+    torch._dynamo.reset()
+    out, (code, *_) = run_and_get_code(torch.compile(layers, backend="inductor"), q, k, v, keys, pos)
+    torch.testing.assert_close(out, layers(q, k, v, keys, pos))
+    # one mask buffer for every layer: an inline compare would be recomputed into each layer's kernel
+    assert code.count("zycompile.position_mask.default(") == 1 and "torch.bool" not in code

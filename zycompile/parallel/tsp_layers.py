@@ -36,6 +36,7 @@ import torch.distributed._functional_collectives as fc
 import torch.nn.functional as F
 
 import zycompile.ops.tree_attention  # noqa: F401  (registers the decode attention ops)
+from zycompile.ops.attention import position_mask
 from zycompile.ops.tree_attention import attention_lse, merge_online
 from zycompile.runtime.sharded_kv_cache import NEVER
 
@@ -271,7 +272,7 @@ def decode_attention(ring: Ring, lay, x, cos, sin, pos, cache, layer: int, tree_
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     write_kv(cache, layer, k, v, pos)
     kc, vc = cache_rows(cache, layer, b)
-    mask = (cache.key_positions[None, None, :] <= pos[:, :, None])[:, None]
+    mask = position_mask(cache.key_positions, pos)
     impl, num_splits, merge = tree_opts
     if impl == "ring":
         out = torch.ops.zycompile.ring_attention(q, kc, vc, mask, lay.scale, ring.group_name)[0]

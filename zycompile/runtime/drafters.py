@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from zycompile.errors import RecipeError
+from zycompile.ops.attention import position_mask
 from zycompile.runtime.step_cache import compile_cached_step
 
 
@@ -175,7 +176,7 @@ class EarlyExitDrafter(Drafter):
         cache = gen.cache
         cache.set_step(pos)
         keys = torch.arange(gen.max_seq_len, device=pos.device)
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
+        mask = position_mask(keys, pos)  # [B, 1, T, S]: causal per row
         hidden = self.exit(
             input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{gen.cache_kw: cache}
         ).last_hidden_state

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from zycompile.errors import RecipeError
+from zycompile.ops.attention import position_mask
 from zycompile.runtime.drafters import Drafter
 from zycompile.runtime.kv_cache import StaticKVCache
 from zycompile.runtime.step_cache import compile_cached_step
@@ -166,7 +167,7 @@ class EagleDrafter(Drafter):
         cache = self.cache
         cache.set_step(pos, rows)
         keys = torch.arange(gen.max_seq_len, device=pos.device)
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
+        mask = position_mask(keys, pos)  # [B, 1, T, S]: causal per row
         emb = gen.decoder.embed_tokens(ids)
         pe = gen.decoder.rotary_emb(emb, pos)
         g = self.head(feat, emb, mask, pos, pe, cache, gen.cache_kw)

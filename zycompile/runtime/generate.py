@@ -18,6 +18,7 @@ import torch
 
 from zycompile.errors import GenerationError
 from zycompile.ops import cpu_decode_attention
+from zycompile.ops.attention import position_mask
 from zycompile.runtime.metrics import kv_bytes_per_token, mbu, measure_read_bandwidth, weight_bytes_per_token
 from zycompile.runtime.sampling import SamplingParams, sample
 from zycompile.runtime.sharded_kv_cache import cache_for_recipe
@@ -105,7 +106,7 @@ class Generator:
         cache.set_step(pos, rows, keys)
         # global position of every slot read (this rank's slice when sharded; a prefix in prefill)
         keys = cache.key_positions if keys is None else keys
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]  # [B, 1, T, S]: causal per row
+        mask = position_mask(keys, pos)  # [B, 1, T, S]: causal per row
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         kwargs = {self.cache_kw: cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
         if self._can_split_head():

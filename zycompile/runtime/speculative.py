@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
+from zycompile.ops.attention import position_mask
 from zycompile.runtime.draft_length import DraftLength
 from zycompile.runtime.generate import bucket_for
 from zycompile.runtime.sampling import SamplingParams, probabilities, sample
@@ -187,7 +188,7 @@ class Speculator:
         cache = gen.cache
         cache.set_step(pos, rows, keys)
         keys = torch.arange(gen.max_seq_len, device=pos.device) if keys is None else keys
-        mask = (keys[None, None, :] <= pos[:, :, None])[:, None]
+        mask = position_mask(keys, pos)  # [B, 1, T, S]: causal per row
         kwargs = {gen.cache_kw: cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
         if gen._can_split_head():
             hidden = gen.decoder(input_ids=ids, **kwargs).last_hidden_state
