@@ -66,6 +66,30 @@ def test_candidates_time_and_a_wrong_one_is_discarded():
     assert timings[-1].ms is None and "differs from the default" in timings[-1].error
 
 
+def test_candidates_are_timed_the_way_the_compiled_graph_calls_them(monkeypatch):
+    """The default and small_linear run as direct ops; every other CPU candidate through the
+    ``tuned_linear`` op tuned_gemm swaps in (its dispatch is part of the cost), with a plan of its
+    own per candidate that is dropped afterwards."""
+    from zycompile.ops import tuned_linear as tl
+    from zycompile.tuning import bench
+
+    shape = collect(recipe(), load_model("tiny:llama").model)[5]
+    through_op: list[str] = []
+    real = tl.tuned_linear
+
+    def spy(x, w, b, pid):
+        through_op.append(tl.PLANS[pid].pick(x.shape[0]))
+        return real(x, w, b, pid)
+
+    monkeypatch.setattr(tl, "tuned_linear", spy)
+    plans_before = set(tl.PLANS)
+    names = [DEFAULT, "mkl_packed", "onednn"] + (["small_linear"] if cpu_kernels.build() is None else [])
+    timings = time_candidates(shape, [CANDIDATES[n] for n in names], FAST)
+    assert all(t.ms is not None for t in timings)
+    assert set(through_op) == {"mkl_packed", "onednn"}  # each candidate ran in its own plan
+    assert set(tl.PLANS) == plans_before and not bench._TIMING_PLANS
+
+
 def test_default_kept_unless_a_candidate_clears_the_margin():
     shapes = collect(recipe(), load_model("tiny:llama").model)[:3]
     db = tdb.TuningDB(tdb.current_validators("cpu"), margin=1e9)

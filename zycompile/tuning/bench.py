@@ -1,7 +1,13 @@
 """Timing GEMM candidates the TunableOp way, made robust to a shared, noisy CPU.
 
-For one shape: enough (x, weight, bias) buffer sets to span ``rotate_bytes`` (default 2x a 32 MiB L3),
-cycled so no call finds its operands in cache (a decode step streams its weights from memory too).
+For one shape: enough (x, weight, bias) buffer sets to span ``rotate_bytes`` (64 MiB, about 2x this
+CPU's 36 MiB L3), cycled so no call finds its operands in cache (a decode step streams its weights from
+memory too). Each candidate is called the way a compiled graph calls it (``graph_call``): the default
+and ``small_linear`` (which the ``small_gemm`` pass emits) as direct ops, every other candidate through
+the ``zycompile::tuned_linear`` op that ``tuned_gemm`` swaps in, whose Python dispatch costs ~20-40 µs a
+call on this CPU. Timing the bare function instead picked packed BLAS for SmolLM2's batch-8 decode
+GEMMs by ~10% per shape, with 16 sets (21 MB, inside L3) of its small weights; end to end its step was
+56.7 ms against 45.0 with ``small_linear`` (RESULTS.md, 2026-11-28 10:2x).
 Each candidate prepares its state for every set (prepacked copies included), is checked against the
 default on the first set (else discarded), warmed up over all sets, then timed in ``rounds``
 interleaved rounds: per round, per candidate, calls until ``budget_s`` or ``max_iters`` (at least
@@ -18,17 +24,18 @@ import dataclasses
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
-from zycompile.tuning.candidates import DEFAULT, Candidate
+from zycompile.tuning.candidates import DEFAULT, Candidate, state_key
 from zycompile.tuning.shapes import GemmShape
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
     rotate_bytes: int = 64 << 20
-    max_sets: int = 16
+    max_sets: int = 64  # a 576 x 576 fp32 weight needs 49 sets to span 64 MiB
     budget_s: float = 0.02  # per candidate per round
     min_iters: int = 5
     max_iters: int = 50
@@ -120,18 +127,53 @@ def sync(x: torch.Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
-def _round(c: Candidate, states, buffers, cfg: BenchConfig) -> tuple[float, float]:
+def graph_calls(c: Candidate, m: int, device, buffers, states) -> list[Callable[[], torch.Tensor]]:
+    """One call per buffer set, made as a compiled graph calls candidate ``c`` at ``m`` rows on ``device``."""
+    from zycompile.ops.cpu_kernels import SMALL_LINEAR_MAX_M
+
+    direct = c.name == DEFAULT or (c.name == "small_linear" and m <= SMALL_LINEAR_MAX_M)
+    if direct or torch.device(device).type != "cpu":  # (GPU dispatch hides behind the kernel's queue)
+        return [lambda x=x, s=s, b=b: c.run(x, s, b) for (x, _, b), s in zip(buffers, states)]
+    from zycompile.ops import tuned_linear as tl
+
+    calls = []
+    for (x, w, b), s in zip(buffers, states):
+        # A plan of its own per candidate and set (ids above the 2**56 of real plans): candidates are
+        # timed interleaved, so a plan shared by the weight would run whichever was registered last.
+        pid = _TIMING_PLAN_BASE + len(_TIMING_PLANS)
+        plan = tl.Plan(w)
+        plan.table[m] = c.name
+        plan.states[state_key(c, m)] = ((w.data_ptr(), w._version), s)
+        tl.PLANS[pid] = plan
+        _TIMING_PLANS.append(pid)
+        calls.append(lambda x=x, w=w, b=b, pid=pid: tl.tuned_linear(x, w, b, pid))
+    return calls
+
+
+_TIMING_PLAN_BASE = 1 << 56
+_TIMING_PLANS: list[int] = []
+
+
+def release_plans() -> None:
+    """Drop the op plans ``graph_calls`` made (and the prepacked copies they hold)."""
+    from zycompile.ops import tuned_linear as tl
+
+    for pid in _TIMING_PLANS:
+        tl.PLANS.pop(pid, None)
+    _TIMING_PLANS.clear()
+
+
+def _round(calls: list[Callable[[], torch.Tensor]], buffers, cfg: BenchConfig) -> tuple[float, float]:
     """One round: (median, fastest) call time in ms, rotating over the buffer sets."""
     ROUNDS["all"] += 1
     ROUNDS["quiet"] += wait_quiet(cfg.quiet_wait_s)
     times: list[float] = []
     i, end = 0, time.perf_counter() + cfg.budget_s
     while len(times) < cfg.max_iters and (len(times) < cfg.min_iters or time.perf_counter() < end):
-        x, _, b = buffers[i % len(buffers)]
-        s = states[i % len(buffers)]
+        x = buffers[i % len(buffers)][0]
         sync(x)
         t0 = time.perf_counter()
-        c.run(x, s, b)
+        calls[i % len(buffers)]()
         sync(x)
         times.append(time.perf_counter() - t0)
         i += 1
@@ -147,7 +189,7 @@ def time_candidates(
     dtype = getattr(torch, shape.dtype)
     buffers = make_buffers(shape, weight, cfg, device)
     ref = cands[0].run(buffers[0][0], buffers[0][1], buffers[0][2])
-    live: dict[str, tuple[Candidate, list]] = {}
+    live: dict[str, list[Callable[[], torch.Tensor]]] = {}
     out: dict[str, Timing] = {}
     for c in cands:
         try:
@@ -158,22 +200,25 @@ def time_candidates(
         if err:
             out[c.name] = Timing(c.name, None, err)
             continue
-        live[c.name] = (c, states)
+        live[c.name] = calls = graph_calls(c, shape.m, device, buffers, states)
         for _ in range(cfg.warmup):
-            for (x, _, b), s in zip(buffers, states):
-                c.run(x, s, b)
-    best: dict[str, float] = {}
-    for _attempt in range(cfg.attempts):
-        floor: dict[str, float] = {}
-        for _ in range(cfg.rounds):
-            for name, (c, states) in live.items():
-                med, low = _round(c, states, buffers, cfg)
-                best[name] = min(best.get(name, float("inf")), med)
-                floor[name] = min(floor.get(name, float("inf")), low)
-        # Every round of some candidate far above its fastest call: the machine was busy throughout
-        # (another process stalls an OpenMP region for a scheduler tick); measure again.
-        if all(best[n] <= cfg.noise_ratio * floor[n] for n in live):
-            break
+            for call in calls:
+                call()
+    try:
+        best: dict[str, float] = {}
+        for _attempt in range(cfg.attempts):
+            floor: dict[str, float] = {}
+            for _ in range(cfg.rounds):
+                for name, calls in live.items():
+                    med, low = _round(calls, buffers, cfg)
+                    best[name] = min(best.get(name, float("inf")), med)
+                    floor[name] = min(floor.get(name, float("inf")), low)
+            # Every round of some candidate far above its fastest call: the machine was busy throughout
+            # (another process stalls an OpenMP region for a scheduler tick); measure again.
+            if all(best[n] <= cfg.noise_ratio * floor[n] for n in live):
+                break
+    finally:
+        release_plans()
     for name in live:
         out[name] = Timing(name, best[name])
     return [out[c.name] for c in cands]
