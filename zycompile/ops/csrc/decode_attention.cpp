@@ -6,9 +6,9 @@
 // over a 2048-slot cache holding 150 tokens reads 150 keys.
 //
 // Split-KV on one device (flash-decoding): the keys of each (batch row, KV head) are cut into blocks of
-// BLOCK; a task scores one block for all Hq/Hkv x Tq queries of that KV head (GQA without copies, the
-// block stays in cache while they share it) and keeps, per query, (max, sum of exp, unnormalised
-// output). The blocks' partials are then merged by their log-sum-exp, so one long row or a single KV
+// BLOCK; a task scores one block for all Hq/Hkv x Tq queries of that KV head (GQA without copies: each
+// key and value row is loaded once into registers for a group of up to 4 queries, which also gives the
+// value sums independent FMA chains) and keeps, per query, (max, sum of exp, unnormalised output). The blocks' partials are then merged by their log-sum-exp, so one long row or a single KV
 // head still spreads over every thread. A query that may see no key gets zeros (as a weightless part).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -54,20 +54,6 @@ inline int64_t last_visible(const bool* row, int64_t n) {
   return n;
 }
 
-// Scores of one query against keys [j0, j1): NV vectors of the head dim held in registers.
-template <int NV>
-inline void scores_fixed(const float* q, const float* k, int64_t ks, int64_t j0, int64_t j1, float scale, float* s) {
-  Vec qv[NV];
-  for (int c = 0; c < NV; ++c) qv[c] = Vec::loadu(q + c * Vec::size());
-  for (int64_t j = j0; j < j1; ++j) {
-    const float* kr = k + j * ks;
-    prefetch_row(kr + PREFETCH_KEYS * ks, NV * Vec::size());
-    Vec acc = qv[0] * Vec::loadu(kr);
-    for (int c = 1; c < NV; ++c) acc = at::vec::fmadd(qv[c], Vec::loadu(kr + c * Vec::size()), acc);
-    s[j - j0] = hsum(acc) * scale;
-  }
-}
-
 inline void scores_any(const float* q, const float* k, int64_t ks, int64_t D, int64_t j0, int64_t j1, float scale,
                        float* s) {
   for (int64_t j = j0; j < j1; ++j) {
@@ -83,21 +69,6 @@ inline void scores_any(const float* q, const float* k, int64_t ks, int64_t D, in
 }
 
 // o[0, Dv) = sum_j p[j - j0] v[j] over keys [j0, j1), skipping zero weights (masked keys).
-template <int NV>
-inline void weighted_fixed(const float* p, const float* v, int64_t vs, int64_t j0, int64_t j1, float* o) {
-  Vec acc[NV];
-  for (int c = 0; c < NV; ++c) acc[c] = Vec(0.f);
-  for (int64_t j = j0; j < j1; ++j) {
-    prefetch_row(v + (j + PREFETCH_KEYS) * vs, NV * Vec::size());
-    const float w = p[j - j0];
-    if (w == 0.f) continue;
-    const float* vr = v + j * vs;
-    const Vec wv(w);
-    for (int c = 0; c < NV; ++c) acc[c] = at::vec::fmadd(wv, Vec::loadu(vr + c * Vec::size()), acc[c]);
-  }
-  for (int c = 0; c < NV; ++c) acc[c].store(o + c * Vec::size());
-}
-
 inline void weighted_any(const float* p, const float* v, int64_t vs, int64_t Dv, int64_t j0, int64_t j1, float* o) {
   std::fill(o, o + Dv, 0.f);
   for (int64_t j = j0; j < j1; ++j) {
@@ -107,6 +78,79 @@ inline void weighted_any(const float* p, const float* v, int64_t vs, int64_t Dv,
     const float* vr = v + j * vs;
     for (int64_t d = 0; d < Dv; ++d) o[d] += w * vr[d];
   }
+}
+
+// Scores of QB queries (rows of s, BLOCK apart) against keys [j0, j1): each key row is loaded once for
+// all of them (the Hq / Hkv query heads of a KV head, times the verify block's queries).
+template <int NV, int QB>
+inline void scores_group(const float* const* q, const float* k, int64_t ks, int64_t j0, int64_t j1, float scale,
+                         float* s) {
+  Vec qv[QB][NV];
+  for (int i = 0; i < QB; ++i)
+    for (int c = 0; c < NV; ++c) qv[i][c] = Vec::loadu(q[i] + c * Vec::size());
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* kr = k + j * ks;
+    prefetch_row(kr + PREFETCH_KEYS * ks, NV * Vec::size());
+    Vec kv[NV];
+    for (int c = 0; c < NV; ++c) kv[c] = Vec::loadu(kr + c * Vec::size());
+    for (int i = 0; i < QB; ++i) {
+      Vec acc = qv[i][0] * kv[0];
+      for (int c = 1; c < NV; ++c) acc = at::vec::fmadd(qv[i][c], kv[c], acc);
+      s[i * BLOCK + (j - j0)] = hsum(acc) * scale;
+    }
+  }
+}
+
+// o_i[0, Dv) = sum_j p_i[j - j0] v[j] for QB queries over keys [j0, j1): each value row is loaded once
+// and feeds QB x NV independent accumulators (one chain per query would wait on its FMA latency).
+template <int NV, int QB>
+inline void weighted_group(const float* p, const float* v, int64_t vs, int64_t j0, int64_t j1, float* const* o) {
+  Vec acc[QB][NV];
+  for (int i = 0; i < QB; ++i)
+    for (int c = 0; c < NV; ++c) acc[i][c] = Vec(0.f);
+  for (int64_t j = j0; j < j1; ++j) {
+    prefetch_row(v + (j + PREFETCH_KEYS) * vs, NV * Vec::size());
+    const float* vr = v + j * vs;
+    Vec vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = Vec::loadu(vr + c * Vec::size());
+    for (int i = 0; i < QB; ++i) {
+      const Vec w(p[i * BLOCK + (j - j0)]);
+      for (int c = 0; c < NV; ++c) acc[i][c] = at::vec::fmadd(w, vv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < QB; ++i)
+    for (int c = 0; c < NV; ++c) acc[i][c].store(o[i] + c * Vec::size());
+}
+
+// Queries per register group: QB x NV query vectors (scores) or accumulators (weights) plus NV key/value
+// vectors fit the 32 AVX-512 registers at D = 64 (NV = 4) with QB = 4, at D = 128 (NV = 8) with QB = 2.
+template <int NV>
+constexpr int group_size() {
+  return NV <= 4 ? 4 : 2;
+}
+
+// Scores or weights for R queries at head dim NV vectors: full groups of QB, then the rest one by one.
+template <int NV>
+void scores_all(const float* const* q, int64_t R, const float* k, int64_t ks, int64_t j0, int64_t j1, float scale,
+                float* s) {
+  constexpr int QB = group_size<NV>();
+  int64_t i = 0;
+  for (; i + QB <= R; i += QB) scores_group<NV, QB>(q + i, k, ks, j0, j1, scale, s + i * BLOCK);
+  if (QB >= 4 && R - i == 3) scores_group<NV, 3>(q + i, k, ks, j0, j1, scale, s + i * BLOCK);  // GQA 3:1
+  else if (QB >= 3 && R - i == 2) scores_group<NV, 2>(q + i, k, ks, j0, j1, scale, s + i * BLOCK);
+  else
+    for (; i < R; ++i) scores_group<NV, 1>(q + i, k, ks, j0, j1, scale, s + i * BLOCK);
+}
+
+template <int NV>
+void weighted_all(const float* p, int64_t R, const float* v, int64_t vs, int64_t j0, int64_t j1, float* const* o) {
+  constexpr int QB = group_size<NV>();
+  int64_t i = 0;
+  for (; i + QB <= R; i += QB) weighted_group<NV, QB>(p + i * BLOCK, v, vs, j0, j1, o + i);
+  if (QB >= 4 && R - i == 3) weighted_group<NV, 3>(p + i * BLOCK, v, vs, j0, j1, o + i);
+  else if (QB >= 3 && R - i == 2) weighted_group<NV, 2>(p + i * BLOCK, v, vs, j0, j1, o + i);
+  else
+    for (; i < R; ++i) weighted_group<NV, 1>(p + i * BLOCK, v, vs, j0, j1, o + i);
 }
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -144,18 +188,26 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const float fscale = static_cast<float>(scale);
 
   // Per query: how many leading keys it may see (mask rows shared by heads are scanned once).
+  // A mask row that is all true up to its last visible key (a decode step's, a verify block's) need not
+  // be read again per key: only rows with holes (``prefix`` false) are.
   std::vector<int64_t> len(B * Hq * Tq);
+  std::vector<char> prefix(B * Hq * Tq, 1);
   std::vector<int64_t> group_len(B * Hkv, 0);
   const bool* memo_row = nullptr;
   int64_t memo = 0;
+  char memo_prefix = 1;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < Hq; ++h)
       for (int64_t t = 0; t < Tq; ++t) {
         int64_t n = causal ? std::max<int64_t>(0, std::min(Tk, t + Tk - Tq + 1)) : Tk;
         if (mp) {
           const bool* row = mp + b * ms0 + h * ms1 + t * ms2;
-          if (row != memo_row) memo_row = row, memo = last_visible(row, Tk);
+          if (row != memo_row) {
+            memo_row = row, memo = last_visible(row, Tk);
+            memo_prefix = std::all_of(row, row + memo, [](bool x) { return x; });
+          }
           n = std::min(n, memo);
+          prefix[(b * Hq + h) * Tq + t] = memo_prefix;
         }
         len[(b * Hq + h) * Tq + t] = n;
         int64_t& g = group_len[b * Hkv + h / rep];
@@ -174,7 +226,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const int64_t grain = kv_bytes < PARALLEL_BYTES ? std::max<int64_t>(ntasks, 1) : 1;
 
   at::parallel_for(0, ntasks, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(BLOCK);
+    std::vector<float> s(R * BLOCK);
+    std::vector<const float*> qrow(R);
+    std::vector<float*> orow(R);
     int64_t bg = std::upper_bound(task_start.begin(), task_start.end(), begin) - task_start.begin() - 1;
     for (int64_t task = begin; task < end; ++task) {
       while (task >= task_start[bg + 1]) ++bg;
@@ -182,40 +236,59 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
       const int64_t j0 = (task - task_start[bg]) * BLOCK;
       const float* kb = kp + b * ks0 + g * ks1;
       const float* vb = vp + b * vs0 + g * vs1;
+      // Every query of the group is scored over the keys any of them may see in this block; each then
+      // keeps its own visible ones (the rest get weight 0), so K and V rows are read once for all.
+      int64_t jmax = j0;
       for (int64_t i = 0; i < R; ++i) {
         const int64_t h = g * rep + i / Tq, t = i % Tq;
-        const int64_t j1 = std::min(j0 + BLOCK, len[(b * Hq + h) * Tq + t]);
-        if (j1 <= j0) continue;  // this query sees no key in the block: a weightless partial
-        const float* qr = qp + b * qs0 + h * qs1 + t * qs2;
-        if (D == 64) scores_fixed<64 / Vec::size()>(qr, kb, ks2, j0, j1, fscale, s.data());
-        else if (D == 128) scores_fixed<128 / Vec::size()>(qr, kb, ks2, j0, j1, fscale, s.data());
-        else scores_any(qr, kb, ks2, D, j0, j1, fscale, s.data());
-        const int64_t n = j1 - j0;
-        if (mp) {
+        qrow[i] = qp + b * qs0 + h * qs1 + t * qs2;
+        orow[i] = &pout[(task * R + i) * Dv];
+        jmax = std::max(jmax, std::min(j0 + BLOCK, len[(b * Hq + h) * Tq + t]));
+      }
+      if (jmax <= j0) continue;  // no query of the group sees a key in the block: weightless partials
+      if (D == 64) scores_all<64 / Vec::size()>(qrow.data(), R, kb, ks2, j0, jmax, fscale, s.data());
+      else if (D == 128) scores_all<128 / Vec::size()>(qrow.data(), R, kb, ks2, j0, jmax, fscale, s.data());
+      else
+        for (int64_t i = 0; i < R; ++i) scores_any(qrow[i], kb, ks2, D, j0, jmax, fscale, &s[i * BLOCK]);
+      const int64_t width = jmax - j0;
+      for (int64_t i = 0; i < R; ++i) {
+        const int64_t h = g * rep + i / Tq, t = i % Tq, qi = (b * Hq + h) * Tq + t;
+        float* si = &s[i * BLOCK];
+        const int64_t n = std::max<int64_t>(0, std::min(j0 + BLOCK, len[qi]) - j0);
+        if (mp && !prefix[qi]) {
           const bool* row = mp + b * ms0 + h * ms1 + t * ms2;
           for (int64_t j = 0; j < n; ++j)
-            if (!row[j0 + j]) s[j] = NEG_INF;
+            if (!row[j0 + j]) si[j] = NEG_INF;
         }
         float mx = NEG_INF;
-        for (int64_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-        if (mx == NEG_INF) continue;  // every key of the block masked
-        Vec vsum(0.f), vmx(mx);
         int64_t j = 0;
+        if (n >= Vec::size()) {
+          Vec vm = Vec::loadu(si);
+          for (j = Vec::size(); j + Vec::size() <= n; j += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(si + j));
+          mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& c) { return at::vec::maximum(a, c); }, vm);
+        }
+        for (; j < n; ++j) mx = std::max(mx, si[j]);
+        if (mx == NEG_INF) {  // every key of the block masked (or none visible) for this query
+          std::fill(si, si + width, 0.f);
+          continue;
+        }
+        Vec vsum(0.f), vmx(mx);
+        j = 0;
         for (; j + Vec::size() <= n; j += Vec::size()) {
-          Vec e = (Vec::loadu(&s[j]) - vmx).exp_u20();
-          e.store(&s[j]);
+          Vec e = (Vec::loadu(si + j) - vmx).exp_u20();
+          e.store(si + j);
           vsum = vsum + e;
         }
         float sum = hsum(vsum);
-        for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
-        const int64_t slot = task * R + i;
-        pmax[slot] = mx;
-        psum[slot] = sum;
-        float* o = &pout[slot * Dv];
-        if (Dv == 64) weighted_fixed<64 / Vec::size()>(s.data(), vb, vs2, j0, j1, o);
-        else if (Dv == 128) weighted_fixed<128 / Vec::size()>(s.data(), vb, vs2, j0, j1, o);
-        else weighted_any(s.data(), vb, vs2, Dv, j0, j1, o);
+        for (; j < n; ++j) sum += (si[j] = std::exp(si[j] - mx));
+        std::fill(si + n, si + width, 0.f);  // keys past this query's last visible one
+        pmax[task * R + i] = mx;
+        psum[task * R + i] = sum;
       }
+      if (Dv == 64) weighted_all<64 / Vec::size()>(s.data(), R, vb, vs2, j0, jmax, orow.data());
+      else if (Dv == 128) weighted_all<128 / Vec::size()>(s.data(), R, vb, vs2, j0, jmax, orow.data());
+      else
+        for (int64_t i = 0; i < R; ++i) weighted_any(&s[i * BLOCK], vb, vs2, Dv, j0, jmax, orow[i]);
     }
   });
 
