@@ -1,6 +1,7 @@
 """Speculative decoding benchmark (c=1): each drafter vs zycompile without speculation, in one run.
 
-SmolLM2 fp32, ShareGPT prompts (chat template), 64 new tokens, greedy. Asserts that every drafter's
+SmolLM2 fp32, ShareGPT prompts (chat template), 64 new tokens, greedy; every prompt runs on every system
+in turn (this host drifts too much to time systems one after another). Asserts that every drafter's
 output is token-for-token identical to plain greedy decoding on every prompt (>= 50 by default), and
 reports decode tok/s (median over prompts), the speedup over plain zycompile, acceptance rate, mean
 accepted drafts per verify and tokens per target forward. HF eager ``generate`` with and without
@@ -46,23 +47,32 @@ DRAFTERS = {
 DEFAULT = ["ngram_k4", "ngram", "eagle", "eagle_k3_cost"]  # early_exit (5% acceptance) only on request
 
 
-def run_zy(recipe, overrides, prompts, new_tokens, log):
-    opt = zycompile.optimize(None, recipe, overrides=overrides)
-    gen = opt.generator()
-    gen.on_compile = log
-    t0 = time.perf_counter()
-    for ids in prompts[:2]:  # compiles the graphs (verify widths vary with the drafts; a late one is rare)
-        gen.generate([ids], max_new_tokens=new_tokens, ignore_eos=True)
-    log(f"warm-up (compile) {time.perf_counter() - t0:.0f}s")
-    spec = gen.speculator
-    before = None if spec is None else type(spec.stats)(**vars(spec.stats))
-    tokens, rates = [], []
-    for ids in prompts:
-        out = gen.generate([ids], max_new_tokens=new_tokens, ignore_eos=True)
-        tokens.append(out.tokens[0])
-        rates.append(out.decode_tok_s)
-    stats = None if spec is None else spec.stats.since(before).as_dict()
-    return tokens, statistics.median(rates), stats
+class System:
+    """One zycompile configuration, compiled and warmed up, timed one prompt at a time."""
+
+    def __init__(self, recipe, overrides, prompts, new_tokens, log):
+        self.gen = zycompile.optimize(None, recipe, overrides=overrides).generator()
+        self.gen.on_compile = log
+        self.new_tokens = new_tokens
+        t0 = time.perf_counter()
+        for ids in prompts[
+            :2
+        ]:  # compiles the graphs (verify widths vary with the drafts; a late one is rare)
+            self.gen.generate([ids], max_new_tokens=new_tokens, ignore_eos=True)
+        log(f"warm-up (compile) {time.perf_counter() - t0:.0f}s")
+        spec = self.gen.speculator
+        self.before = None if spec is None else type(spec.stats)(**vars(spec.stats))
+        self.tokens: list[list[int]] = []
+        self.rates: list[float] = []
+
+    def run(self, ids) -> None:
+        out = self.gen.generate([ids], max_new_tokens=self.new_tokens, ignore_eos=True)
+        self.tokens.append(out.tokens[0])
+        self.rates.append(out.decode_tok_s)
+
+    def stats(self):
+        spec = self.gen.speculator
+        return None if spec is None else spec.stats.since(self.before).as_dict()
 
 
 def hf_rate(model, ids, new_tokens, lookup: int | None) -> tuple[float, list[int]]:
@@ -100,18 +110,30 @@ def main() -> None:
     prompts = [list(c["input_ids"] if hasattr(c, "keys") else c) for c in chats]
     log(machine_line())
 
+    # Every system is built first, then each prompt runs on every system in turn: this host's speed
+    # drifts by 10-20% over minutes, and systems timed one after another measured that drift (EAGLE
+    # k = 1 at 0.99x plain at 11:19, 1.2-1.3x interleaved minutes later).
     log("zycompile, no speculation")
-    ref, base_rate, _ = run_zy("smollm2-135m", [], prompts, args.new_tokens, log)
-    rows = [("zycompile (no speculation)", len(prompts), base_rate, None, "reference")]
-    failures = []
+    systems = {"plain": System("smollm2-135m", [], prompts, args.new_tokens, log)}
     for name in args.drafters:
         recipe, overrides = DRAFTERS[name]
         log(f"zycompile + {name}")
-        toks, rate, stats = run_zy(recipe, overrides, prompts, args.new_tokens, log)
-        same = sum(a == b for a, b in zip(toks, ref))
+        systems[name] = System(recipe, overrides, prompts, args.new_tokens, log)
+    for i, ids in enumerate(prompts):
+        log(f"prompt {i + 1}/{len(prompts)}")
+        for system in systems.values():
+            system.run(ids)
+    base = systems.pop("plain")
+    ref, base_rate = base.tokens, statistics.median(base.rates)
+    rows = [("zycompile (no speculation)", len(prompts), base_rate, None, "reference", None)]
+    failures = []
+    for name, system in systems.items():
+        same = sum(a == b for a, b in zip(system.tokens, ref))
         if same != len(ref):
             failures.append(f"{name}: {len(ref) - same} of {len(ref)} prompts differ from plain greedy")
-        rows.append((f"zycompile + {name}", len(prompts), rate, stats, f"{same}/{len(ref)}"))
+        paired = statistics.median(r / b for r, b in zip(system.rates, base.rates))
+        rate = statistics.median(system.rates)
+        rows.append((f"zycompile + {name}", len(prompts), rate, system.stats(), f"{same}/{len(ref)}", paired))
     if args.hf_prompts:
         hf = load_model(base_recipe.model.source, base_recipe.model.dtype).model
         sub = prompts[: args.hf_prompts]
@@ -120,28 +142,33 @@ def main() -> None:
             hf_rate(hf, sub[0], 8, lookup)  # warm-up
             res = [hf_rate(hf, ids, args.new_tokens, lookup) for ids in sub]
             same = sum(t == r for (_, t), r in zip(res, ref))
-            rows.append((label, len(sub), statistics.median(r for r, _ in res), None, f"{same}/{len(sub)}"))
+            rows.append(
+                (label, len(sub), statistics.median(r for r, _ in res), None, f"{same}/{len(sub)}", None)
+            )
 
     lines = [
         f"\n## speculative decoding c=1 — {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         f"`python bench/speculative.py {' '.join(sys.argv[1:])}` — {machine_line()}",
         f"SmolLM2-135M-Instruct fp32, recipe `smollm2-135m` (+ speculative overrides), {len(prompts)} ShareGPT "
-        f"prompts (chat template), {args.new_tokens} new tokens, greedy; decode tok/s = median over prompts; "
-        "identical = prompts whose output equals zycompile's plain greedy output token for token",
+        f"prompts (chat template), {args.new_tokens} new tokens, greedy; every prompt runs on every system in "
+        "turn; decode tok/s = median over prompts; per-prompt speedup = median over prompts of the system's "
+        "tok/s over plain's on the same prompt; identical = prompts whose output equals zycompile's plain "
+        "greedy output token for token",
         "",
-        "| system | prompts | decode tok/s | vs zycompile plain | drafts / verify | acceptance "
-        "| mean accepted / verify | tokens / target forward | identical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| system | prompts | decode tok/s | vs zycompile plain | per-prompt speedup | drafts / verify "
+        "| acceptance | mean accepted / verify | tokens / target forward | identical |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, n, rate, st, same in rows:
+    for name, n, rate, st, same, paired in rows:
         acc = (
             " |  |  | "
             if st is None
             else f"{st['drafted'] / max(st['rounds'], 1):.2f} | {st['acceptance_rate']:.0%} | "
             f"{st['mean_accepted']:.2f} | {st['tokens_per_forward']:.2f}"
         )
-        lines.append(f"| {name} | {n} | {rate:.1f} | {rate / base_rate:.2f}x | {acc} | {same} |")
+        pair = "" if paired is None else f"{paired:.2f}x"
+        lines.append(f"| {name} | {n} | {rate:.1f} | {rate / base_rate:.2f}x | {pair} | {acc} | {same} |")
     for name, (recipe, overrides) in DRAFTERS.items():
         if name in args.drafters:
             lines.append(f"- {name}: recipe `{recipe}` {' '.join(f'--set {o}' for o in overrides)}".rstrip())
