@@ -20,7 +20,11 @@ from zycompile.tuning.candidates import CANDIDATES, DEFAULT, Candidate, availabl
 from zycompile.tuning.shapes import collect
 from zycompile.tuning.tune import tune_shapes
 
-FAST = BenchConfig(rotate_bytes=1 << 20, budget_s=0.002, rounds=1, attempts=1, min_iters=2)
+# Behaviour, not timing quality: few buffer sets, and no waiting for a quiet machine (under xdist another
+# worker always runs, and each round waited its full quiet_wait_s: the CLI test took 230-331 s, 30 alone).
+FAST = BenchConfig(
+    rotate_bytes=1 << 20, max_sets=4, budget_s=0.002, rounds=1, attempts=1, min_iters=2, quiet_wait_s=0.0
+)
 TINY = {
     "model": {"source": "tiny:llama"},
     "lowering": {"backend": "aot_eager"},
