@@ -55,9 +55,8 @@ class System:
         self.gen.on_compile = log
         self.new_tokens = new_tokens
         t0 = time.perf_counter()
-        for ids in prompts[
-            :2
-        ]:  # compiles the graphs (verify widths vary with the drafts; a late one is rare)
+        # compiles the graphs (verify widths vary with the drafts; a late one is rare)
+        for ids in prompts[:2]:
             self.gen.generate([ids], max_new_tokens=new_tokens, ignore_eos=True)
         log(f"warm-up (compile) {time.perf_counter() - t0:.0f}s")
         spec = self.gen.speculator

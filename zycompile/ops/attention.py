@@ -109,18 +109,14 @@ def _position_mask_fake(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     return pos.new_empty((pos.shape[0], 1, pos.shape[1], keys.shape[0]), dtype=torch.bool)
 
 
+# position_mask(keys, pos): boolean [B, 1, T, S], True where the slot holding global position keys[s]
+# is visible to the query at pos[b, t] (causal per row: each row has its own positions).
 # An op, not inline math: Inductor treats a compare as free to recompute and fuses a fresh copy of it
 # into the producer of every attention call that takes it (30 mask kernels a step for SmolLM2, ~5 ms at
 # batch 8 on the 2-core CPU). An op's output is one buffer that every layer reads.
-_position_mask_op = define(
+position_mask = define(
     "position_mask", "(Tensor keys, Tensor pos) -> Tensor", _position_mask, _position_mask_fake
 )
-
-
-def position_mask(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[B, 1, T, S]`` mask, True where the slot holding global position ``keys[s]`` is visible
-    to the query at ``pos[b, t]`` (causal per row: each row has its own positions)."""
-    return _position_mask_op(keys, pos)
 
 
 def _is_causal(mask: torch.Tensor) -> bool:

@@ -56,14 +56,21 @@ class Plan:
         return self.table[min(self.table, key=lambda t: abs(math.log(t / m)))]
 
     def state(self, cand: Candidate, w: torch.Tensor, m: int):
-        key = state_key(cand, m)
-        ident = (w.data_ptr(), w._version)
-        held = self.states.get(key)
-        if held is None or held[0] != ident:
+        held = self.states.get(state_key(cand, m))
+        if held is None or held[0] != _ident(w):
             with torch.no_grad():
-                held = (ident, cand.prepare(w.detach(), m))
-            self.states[key] = held
+                self.adopt(cand, w, m, cand.prepare(w.detach(), m))
+            return self.states[state_key(cand, m)][1]
         return held[1]
+
+    def adopt(self, cand: Candidate, w: torch.Tensor, m: int, state) -> None:
+        """Use ``state``, already built from ``w`` for ``m`` rows, as ``cand``'s (the tuner's timing)."""
+        self.states[state_key(cand, m)] = (_ident(w), state)
+
+
+def _ident(w: torch.Tensor) -> tuple[int, int]:
+    """The memory and version a state was built from: another tensor or an in-place write rebuilds it."""
+    return w.data_ptr(), w._version
 
 
 PLANS: dict[int, Plan] = {}

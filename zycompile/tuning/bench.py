@@ -2,7 +2,7 @@
 
 For one shape: enough (x, weight, bias) buffer sets to span ``rotate_bytes`` (64 MiB, about 2x this
 CPU's 36 MiB L3), cycled so no call finds its operands in cache (a decode step streams its weights from
-memory too). Each candidate is called the way a compiled graph calls it (``graph_call``): the default
+memory too). Each candidate is called the way a compiled graph calls it (``graph_calls``): the default
 and ``small_linear`` (which the ``small_gemm`` pass emits) as direct ops, every other candidate through
 the ``zycompile::tuned_linear`` op that ``tuned_gemm`` swaps in, whose Python dispatch costs ~20-40 µs a
 call on this CPU. Timing the bare function instead picked packed BLAS for SmolLM2's batch-8 decode
@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import torch
 
-from zycompile.tuning.candidates import DEFAULT, Candidate, state_key
+from zycompile.tuning.candidates import DEFAULT, Candidate
 from zycompile.tuning.shapes import GemmShape
 
 
@@ -143,7 +143,7 @@ def graph_calls(c: Candidate, m: int, device, buffers, states) -> list[Callable[
         pid = _TIMING_PLAN_BASE + len(_TIMING_PLANS)
         plan = tl.Plan(w)
         plan.table[m] = c.name
-        plan.states[state_key(c, m)] = ((w.data_ptr(), w._version), s)
+        plan.adopt(c, w, m, s)
         tl.PLANS[pid] = plan
         _TIMING_PLANS.append(pid)
         calls.append(lambda x=x, w=w, b=b, pid=pid: tl.tuned_linear(x, w, b, pid))

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -129,28 +130,28 @@ constexpr int group_size() {
   return NV <= 4 ? 4 : 2;
 }
 
-// Scores or weights for R queries at head dim NV vectors: full groups of QB, then the rest one by one.
+// Calls f(std::integral_constant<int, QB>{}, i) over R queries at head dim NV vectors: full groups of
+// group_size, then the rest as one group of 3 or 2 where that fits, else one by one.
+template <int NV, class F>
+inline void in_groups(int64_t R, F&& f) {
+  constexpr int QB = group_size<NV>();
+  int64_t i = 0;
+  for (; i + QB <= R; i += QB) f(std::integral_constant<int, QB>{}, i);
+  if (QB >= 4 && R - i == 3) f(std::integral_constant<int, 3>{}, i);  // GQA 3:1
+  else if (QB >= 3 && R - i == 2) f(std::integral_constant<int, 2>{}, i);
+  else
+    for (; i < R; ++i) f(std::integral_constant<int, 1>{}, i);
+}
+
 template <int NV>
 void scores_all(const float* const* q, int64_t R, const float* k, int64_t ks, int64_t j0, int64_t j1, float scale,
                 float* s) {
-  constexpr int QB = group_size<NV>();
-  int64_t i = 0;
-  for (; i + QB <= R; i += QB) scores_group<NV, QB>(q + i, k, ks, j0, j1, scale, s + i * BLOCK);
-  if (QB >= 4 && R - i == 3) scores_group<NV, 3>(q + i, k, ks, j0, j1, scale, s + i * BLOCK);  // GQA 3:1
-  else if (QB >= 3 && R - i == 2) scores_group<NV, 2>(q + i, k, ks, j0, j1, scale, s + i * BLOCK);
-  else
-    for (; i < R; ++i) scores_group<NV, 1>(q + i, k, ks, j0, j1, scale, s + i * BLOCK);
+  in_groups<NV>(R, [&](auto qb, int64_t i) { scores_group<NV, decltype(qb)::value>(q + i, k, ks, j0, j1, scale, s + i * BLOCK); });
 }
 
 template <int NV>
 void weighted_all(const float* p, int64_t R, const float* v, int64_t vs, int64_t j0, int64_t j1, float* const* o) {
-  constexpr int QB = group_size<NV>();
-  int64_t i = 0;
-  for (; i + QB <= R; i += QB) weighted_group<NV, QB>(p + i * BLOCK, v, vs, j0, j1, o + i);
-  if (QB >= 4 && R - i == 3) weighted_group<NV, 3>(p + i * BLOCK, v, vs, j0, j1, o + i);
-  else if (QB >= 3 && R - i == 2) weighted_group<NV, 2>(p + i * BLOCK, v, vs, j0, j1, o + i);
-  else
-    for (; i < R; ++i) weighted_group<NV, 1>(p + i * BLOCK, v, vs, j0, j1, o + i);
+  in_groups<NV>(R, [&](auto qb, int64_t i) { weighted_group<NV, decltype(qb)::value>(p + i * BLOCK, v, vs, j0, j1, o + i); });
 }
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
