@@ -431,22 +431,27 @@ def test_small_linear_winners_are_left_to_small_gemm_and_tokens_stay_the_same(tm
     assert any(t.matches > 0 for t in tuned)
 
 
-@pytest.mark.skipif(not torch._C.has_mkl, reason="MKL unavailable")
-def test_per_m_packing_is_never_chosen_for_or_repeated_at_a_dynamic_m():
+def test_a_dynamic_m_packs_once_and_skips_per_m_candidates():
+    """A symbolic-M (prefill) graph may use mkl_packed (one packed copy serves every M) but never a
+    candidate built per M (inductor_cpp): each prompt length would build it again."""
+    from zycompile.ops import mkl_packed
     from zycompile.ops.tuned_linear import PLANS, plan_for, tuned_linear
     from zycompile.passes.base import PassContext
     from zycompile.passes.tuned_gemm import TunedGemmPass
 
-    entry = tdb.Entry("mkl_packed", {DEFAULT: 3.0, "mkl_packed": 1.0, "onednn_packed": 1.5})
     tuned = TunedGemmPass(TunedGemmPass.Options(), PassContext(recipe()))
-    assert tuned._choose(entry, 1.03, torch.float32, dynamic=False) == "mkl_packed"  # static M: packed once
+    entry = tdb.Entry("inductor_cpp", {DEFAULT: 3.0, "inductor_cpp": 1.0, "onednn_packed": 1.5})
+    assert tuned._choose(entry, 1.03, torch.float32, dynamic=False) == "inductor_cpp"  # static M: built once
     assert tuned._choose(entry, 1.03, torch.float32, dynamic=True) == "onednn_packed"  # any-M instead
+    if mkl_packed.build() is not None:
+        pytest.skip(f"MKL packed GEMM unavailable: {mkl_packed.build()}")
+    entry = tdb.Entry("mkl_packed", {DEFAULT: 3.0, "mkl_packed": 1.0, "onednn_packed": 1.5})
+    assert tuned._choose(entry, 1.03, torch.float32, dynamic=True) == "mkl_packed"
 
-    # a plan from an older database: its M = 16 packing must not be redone for every prompt length
     w = torch.randn(48, 32)
     pid = plan_for(w)
     PLANS[pid].table.update({16: "mkl_packed"})
-    for m in (16, 20, 23):
+    for m in (16, 20, 23, 300):  # every prompt length runs the one packed copy
         x = torch.randn(m, 32)
         torch.testing.assert_close(tuned_linear(x, w, None, pid), torch.nn.functional.linear(x, w))
-    assert sorted(k for k in PLANS[pid].states) == [("mkl_packed", 16)]
+    assert sorted(k for k in PLANS[pid].states) == [("mkl_packed", 0)]

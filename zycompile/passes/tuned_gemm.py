@@ -255,8 +255,9 @@ class TunedGemmPass(GraphPass):
         copy of the weights; the default unless it beat it by the margin (and ``min_speedup``). A
         symbolic-M graph, or a static M borrowing another M's timing, skips candidates compiled for one
         M (``inductor_cpp``): they would rarely run exactly that M, and would pay their compile time and
-        packed copies for nothing. A symbolic-M graph also skips candidates prepared per M
-        (``mkl_packed``): each new prompt length would pack every weight again, and keep the copy."""
+        packed copies for nothing. A symbolic-M graph also skips any candidate prepared per M: each new
+        prompt length would prepare every weight again, and keep the copy (``mkl_packed`` is not one: a
+        single packed copy serves every M)."""
         times = entry.times_ms
         base = times.get(DEFAULT)
         names = [entry.winner]

@@ -6,7 +6,7 @@ A candidate is a name plus two functions: ``prepare(w, m)`` builds what it needs
 ``copies_weight`` says whether the state is a second copy of the weight (memory is reported, not hidden).
 
 CPU candidates (fp32/bf16): ``aten_relayout`` (the other weight layout, row-major vs K-major),
-``mkl_packed`` (MKL's packed GEMM, as Inductor's freezing path uses; fp32 only), ``onednn`` (oneDNN
+``mkl_packed`` (MKL's packed GEMM, one packed copy serving every M, ``ops/mkl_packed.py``; fp32 only), ``onednn`` (oneDNN
 inner product on the plain weight), ``onednn_packed`` (oneDNN on a weight reordered to its blocked
 format once), ``inductor_cpp`` (Inductor's C++ GEMM template, compiled per weight and M with the weight
 frozen in; static M only), ``split_n`` (the weight's rows split into one block per thread, each
@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from zycompile.ops import mkl_packed
 
 DEFAULT = "aten"
 ONEDNN_PACK_HINT = 16  # batch-size hint for oneDNN's reorder; one packed copy serves every M
@@ -57,12 +59,7 @@ def _onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _mkl_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and torch._C.has_mkl and dtype == torch.float32
-
-
-def _mkl_run(x, state, b):
-    packed, w, m = state
-    return torch.ops.mkl._mkl_linear(x, packed, w, b, m)
+    return device.type == "cpu" and dtype == torch.float32 and mkl_packed.build() is None
 
 
 class _Linear(torch.nn.Module):
@@ -200,10 +197,9 @@ CANDIDATES: dict[str, Candidate] = {
         ),
         Candidate(
             "mkl_packed",
-            lambda w, m: (torch.ops.mkl._mkl_reorder_linear_weight(w.contiguous(), m), w.contiguous(), m),
-            _mkl_run,
+            lambda w, m: mkl_packed.pack(w),
+            mkl_packed.linear,
             copies_weight=True,
-            per_m=True,
             available=_mkl_ok,
         ),
         Candidate(
