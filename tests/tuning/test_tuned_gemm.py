@@ -433,7 +433,8 @@ def test_small_linear_winners_are_left_to_small_gemm_and_tokens_stay_the_same(tm
 
 def test_a_dynamic_m_packs_once_and_skips_per_m_candidates():
     """A symbolic-M (prefill) graph may use mkl_packed (one packed copy serves every M) but never a
-    candidate built per M (inductor_cpp): each prompt length would build it again."""
+    candidate built per M (inductor_cpp): each prompt length would build it again; nor split_n, whose
+    worker threads lost to the runner-up inside the prefill graph."""
     from zycompile.ops import mkl_packed
     from zycompile.ops.tuned_linear import PLANS, plan_for, tuned_linear
     from zycompile.passes.base import PassContext
@@ -447,6 +448,9 @@ def test_a_dynamic_m_packs_once_and_skips_per_m_candidates():
         pytest.skip(f"MKL packed GEMM unavailable: {mkl_packed.build()}")
     entry = tdb.Entry("mkl_packed", {DEFAULT: 3.0, "mkl_packed": 1.0, "onednn_packed": 1.5})
     assert tuned._choose(entry, 1.03, torch.float32, dynamic=True) == "mkl_packed"
+    entry = tdb.Entry("split_n", {DEFAULT: 3.0, "split_n": 0.9, "mkl_packed": 1.0})
+    assert tuned._choose(entry, 1.03, torch.float32, dynamic=False) == "split_n"
+    assert tuned._choose(entry, 1.03, torch.float32, dynamic=True) == "mkl_packed"  # no worker threads
 
     w = torch.randn(48, 32)
     pid = plan_for(w)

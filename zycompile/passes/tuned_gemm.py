@@ -257,7 +257,8 @@ class TunedGemmPass(GraphPass):
         M (``inductor_cpp``): they would rarely run exactly that M, and would pay their compile time and
         packed copies for nothing. A symbolic-M graph also skips any candidate prepared per M: each new
         prompt length would prepare every weight again, and keep the copy (``mkl_packed`` is not one: a
-        single packed copy serves every M)."""
+        single packed copy serves every M), and candidates on threads of their own (``split_n``): timed
+        alone they won at M = 1,024, inside the prefill graph they lost to the runner-up."""
         times = entry.times_ms
         base = times.get(DEFAULT)
         names = [entry.winner]
@@ -267,7 +268,7 @@ class TunedGemmPass(GraphPass):
             cand = CANDIDATES.get(name)  # None: e.g. a hipBLASLt solution, meaningless on CPU
             if cand is None or name == DEFAULT or (cand.copies_weight and not self.opts.weight_copies):
                 continue
-            if (dynamic or borrowed) and cand.exact_m or dynamic and cand.per_m:
+            if (dynamic or borrowed) and cand.exact_m or dynamic and (cand.per_m or cand.own_threads):
                 continue
             speedup = base / times[name] if base and times.get(name) else 0.0
             if speedup >= max(margin, self.opts.min_speedup) and cand.available(torch.device("cpu"), dtype):
