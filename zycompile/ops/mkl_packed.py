@@ -1,16 +1,18 @@
 """MKL's packed SGEMM with one packed copy of a weight for every M (``csrc/mkl_packed.cpp``).
 
-The ``mkl_packed`` tuning candidate. ATen's own ``mkl::_mkl_linear`` packs for one batch size and runs
-unpacked for any other, so a symbolic-length prefill graph could not use packing, and a decode graph
-kept one copy per M. Here a weight is packed once (with ``PACK_HINT`` as MKL's kernel hint) and serves
-every M. That MKL computes any M from such a copy is checked once per process before first use: if it
-ever stops holding (another MKL), ``build`` says why and the candidate is unavailable, never wrong.
-Built as its own extension so that a torch without exported MKL symbols loses only this candidate.
+The ``mkl_packed`` tuning candidate. ATen's ``mkl::_mkl_linear`` packs for one batch size and runs
+unpacked for any other, so a symbolic-length prefill graph could not use packing. Here a weight is
+packed once (``PACK_HINT`` is MKL's kernel hint) and serves every M. That MKL computes any M from
+such a copy is observed, not documented, so ``build`` checks it once per process on SmolLM2-sized
+weights before first use; if it ever fails (another MKL), the candidate is unavailable, never wrong.
+Built as its own extension: a torch without MKL's exported symbols, or no compiler, loses only this
+candidate, and a plan that still names it (a saved graph) computes ``F.linear`` instead.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +20,8 @@ import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("csrc") / "mkl_packed.cpp"
 PACK_HINT = 256  # packed for M = 256, M = 3-512 ran as fast as a copy packed for exactly that M
-_CHECK_M = (1, 3, 17, 100, 300)  # around and far from the hint
+# (N, K, M's): the layer shapes of SmolLM2 and a ragged one, at M's near and far from the hint
+_CHECKS = ((1536, 576, (1, 3, 100, 300)), (576, 1536, (2, 17, 700)), (40, 72, (1, 5, 257)))
 
 
 @functools.cache
@@ -36,28 +39,39 @@ def build() -> str | None:
             is_python_module=False,
             verbose=False,
         )
-    except Exception as e:  # no compiler, or MKL's symbols not exported by this libtorch
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    gen = torch.Generator().manual_seed(0)
-    w, b = torch.randn(40, 72, generator=gen), torch.randn(40, generator=gen)
-    packed = (torch.ops.zycompile_mkl.pack.default(w, PACK_HINT), w.shape[0])
-    for m in _CHECK_M:
-        x = torch.randn(m, 72, generator=gen)
-        if not torch.allclose(linear(x, packed, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4):
-            return f"MKL's packed GEMM disagreed with F.linear at M={m} (packed with M={PACK_HINT})"
+        gen = torch.Generator().manual_seed(0)
+        for n, k, ms in _CHECKS:
+            w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+            state = (torch.ops.zycompile_mkl.pack.default(w, PACK_HINT), w, k)
+            for m in ms:
+                x = torch.randn(m, k, generator=gen)
+                if not torch.allclose(linear(x, state, b), F.linear(x, w, b), rtol=1e-4, atol=1e-3):
+                    return f"MKL's packed GEMM disagreed with F.linear at M={m} N={n} K={k}"
+    except Exception as e:  # no compiler, MKL's symbols not exported by this libtorch, a failed call
+        lines = str(e).strip().splitlines()
+        return next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(e).__name__)
     return None
 
 
-def pack(w: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The packed copy of fp32 ``w`` [N, K] and N. Keep the buffer where it is: MKL's layout depends on
-    its address. Builds first (a graph loaded from the step cache runs this before any pass asked)."""
+def pack(w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """(packed copy or None, w, K) for fp32 ``w`` [N, K]. None when the ops are unavailable, said once:
+    a graph loaded from the step cache calls this before any pass asked. Keep the buffer where it is:
+    MKL's layout depends on its address."""
     why = build()
     if why is not None:
-        raise RuntimeError(f"mkl_packed is unavailable here: {why}")
-    return torch.ops.zycompile_mkl.pack.default(w, PACK_HINT), w.shape[0]
+        _warn_once(why)
+        return None, w, w.shape[1]
+    return torch.ops.zycompile_mkl.pack.default(w, PACK_HINT), w, w.shape[1]
 
 
-def linear(x: torch.Tensor, state: tuple[torch.Tensor, int], b: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, state: tuple, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` for x [M, K] from ``pack(w)``'s state, any M."""
-    packed, n = state
-    return torch.ops.zycompile_mkl.linear.default(x, packed, n, b)
+    packed, w, k = state
+    if packed is None:
+        return F.linear(x, w, b)
+    return torch.ops.zycompile_mkl.linear.default(x, packed, w.shape[0], k, b)
+
+
+@functools.cache
+def _warn_once(why: str) -> None:
+    print(f"zycompile: mkl_packed unavailable ({why}); those GEMMs run F.linear", file=sys.stderr)

@@ -115,8 +115,8 @@ def _tuned_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, plan
     m = x2.shape[0]
     cand = CANDIDATES[p.pick(m)]
     if (cand.exact_m or cand.per_m) and m not in p.table:
-        # a kernel or packing made for another M (a dynamic prefill): preparing one per new length
-        # would re-pack the weight on every prompt and keep each copy
+        # a kernel compiled for another M (inductor_cpp in a dynamic prefill): building one per new
+        # length would compile again on every prompt and keep each copy
         return F.linear(x, w, b)
     y = cand.run(x2, p.state(cand, w, m), b)
     return y.reshape(*x.shape[:-1], w.shape[0])

@@ -261,9 +261,12 @@ class TunedGemmPass(GraphPass):
         alone they won at M = 1,024, inside the prefill graph they lost to the runner-up."""
         times = entry.times_ms
         base = times.get(DEFAULT)
-        names = [entry.winner]
+        ranked = sorted((n for n, t in times.items() if t), key=lambda n: times[n])
+        # a static M takes the winner, or the next fastest if the winner cannot run here (no compiler
+        # for its kernel); the other cases pick among candidates the winner may not be
+        names = [entry.winner, *ranked]
         if dynamic or borrowed or not self.opts.weight_copies:
-            names = sorted((n for n, t in times.items() if t), key=lambda n: times[n])
+            names = ranked
         for name in names:
             cand = CANDIDATES.get(name)  # None: e.g. a hipBLASLt solution, meaningless on CPU
             if cand is None or name == DEFAULT or (cand.copies_weight and not self.opts.weight_copies):

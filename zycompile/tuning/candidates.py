@@ -41,8 +41,7 @@ class Candidate:
     copies_weight: bool
     per_m: bool = False  # the state depends on M (one copy per M)
     exact_m: bool = False  # the state serves only its own M (a static-shape kernel); others use the default
-    # runs on worker threads of its own: beside a graph's OpenMP kernels it lost to the tuner's runner-up
-    # (a symbolic-length prefill of 1,000 tokens, split_n vs mkl_packed: 1.09-1.10x slower, in-process A/B)
+    # runs on worker threads of its own: inside the symbolic-length prefill graph it lost to the runner-up
     own_threads: bool = False
     available: Callable[[torch.device, torch.dtype], bool] = lambda device, dtype: True
 
@@ -229,7 +228,12 @@ CANDIDATES: dict[str, Candidate] = {
             available=_onednn_ok,  # the template's weight packing and micro-kernels: oneDNN's ISA checks
         ),
         Candidate(
-            "split_n", _split_n_prepare, _split_n_run, copies_weight=False, own_threads=True, available=_split_n_ok
+            "split_n",
+            _split_n_prepare,
+            _split_n_run,
+            copies_weight=False,
+            own_threads=True,
+            available=_split_n_ok,
         ),
         Candidate(
             "small_linear", lambda w, m: w, _small_linear_run, copies_weight=False, available=_small_linear_ok
