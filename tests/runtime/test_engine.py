@@ -63,6 +63,24 @@ def test_concurrency_is_respected_and_slots_reused(gen):
     assert len(eng.finished) == len(PROMPTS)
 
 
+def test_a_long_reply_left_in_a_high_slot_moves_down_to_a_smaller_bucket(gen, monkeypatch):
+    """Slots 0-1 finish first; the long request in slot 2 (bucket 4) moves to slot 0 and decodes at
+    batch 1 from then on, with exactly its solo tokens."""
+    lens = [3, 3, 12]
+    solo = [gen.generate([p], max_new_tokens=n, ignore_eos=True).tokens[0] for p, n in zip(PROMPTS, lens)]
+    widths: list[int] = []
+    real_step = gen.step
+    monkeypatch.setattr(
+        gen, "step", lambda ids, *a, **k: widths.append(ids.shape[0]) or real_step(ids, *a, **k)
+    )
+    eng = Engine(gen, max_concurrency=3)
+    reqs = [eng.add_request(p, _params(n)) for p, n in zip(PROMPTS, lens)]
+    eng.run()
+    assert [r.output for r in reqs] == solo
+    assert eng.moves == 1 and reqs[2].slot == 0
+    assert widths[-1] == 1 and widths.count(1) >= 5  # the tail ran at batch 1, not 4
+
+
 def test_bad_request_is_rejected_alone(gen):
     eng = Engine(gen)
     good = eng.add_request(PROMPTS[0], _params(5))

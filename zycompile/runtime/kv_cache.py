@@ -14,6 +14,7 @@ import torch
 
 class StaticKVCache:
     is_compileable = True
+    can_move_rows = True  # slot p of a row holds position p: a row's first n slots are its first n tokens
 
     def __init__(
         self,
@@ -99,6 +100,11 @@ class StaticKVCache:
         if self.rows is None:
             return k[:b], v[:b]
         return k.index_select(0, rows), v.index_select(0, rows)
+
+    def move_row(self, src: int, dst: int, n: int) -> None:
+        """Copy the first ``n`` slots of row ``src`` to row ``dst`` (the engine compacting its batch)."""
+        for t in (*self.keys, *self.values):
+            t[dst, :, :n].copy_(t[src, :, :n])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are passed explicitly; HF never needs to infer them from us

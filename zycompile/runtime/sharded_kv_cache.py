@@ -19,6 +19,8 @@ LAYOUTS = ("round_robin", "contiguous")
 
 
 class SeqShardedKVCache(StaticKVCache):
+    can_move_rows = False  # a row's positions are spread over ranks' slots: not a prefix to copy
+
     def __init__(
         self,
         num_layers: int,
