@@ -36,7 +36,7 @@ def test_strided_input_empty_rows_and_a_foreign_buffer():
         mkl_packed.linear(torch.randn(3, 41), state)
     small = mkl_packed.pack(torch.randn(4, 40))  # MKL pads small buffers: a far bigger weight's is caught
     with pytest.raises(RuntimeError, match=r"not a \[3072, 576\] weight's"):
-        mkl_packed.linear(torch.randn(3, 576), (small[0], torch.empty(3072, 576), 576))
+        mkl_packed.linear(torch.randn(3, 576), (small[0], torch.empty(3072, 576)))
 
 
 def test_unavailable_ops_compute_f_linear(monkeypatch, capsys):

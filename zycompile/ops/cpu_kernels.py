@@ -24,23 +24,37 @@ _ISA_FLAGS = {
 @functools.cache
 def build() -> str | None:
     """Build or load the extension (its ops land in ``torch.ops.zycompile_cpu``); None if it is there,
-    else why not (the first line of the error)."""
+    else why not (``load_extension``)."""
+    isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+    why = load_extension(
+        "zycompile_cpu_kernels",
+        SOURCES,
+        ["-O3", "-ffp-contract=fast", "-fopenmp", *isa],  # OpenMP: at::parallel_for
+        ["-fopenmp"],
+    )
+    if why is None:
+        _register_fakes()
+    return why
+
+
+def load_extension(name: str, sources, cflags: list[str], ldflags: list[str] = ()) -> str | None:
+    """Build or load a C++ extension of torch ops; None if loaded, else why not: the compiler's first
+    ``error`` line, else the exception's first line."""
     try:
         from torch.utils.cpp_extension import load
 
-        isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
         load(
-            name="zycompile_cpu_kernels",
-            sources=[str(s) for s in SOURCES],
-            extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *isa],  # OpenMP: at::parallel_for
-            extra_ldflags=["-fopenmp"],
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=cflags,
+            extra_ldflags=list(ldflags),
             is_python_module=False,
             verbose=False,
         )
-        _register_fakes()
         return None
-    except Exception as e:  # no compiler, no ninja, a header mismatch: the callers fall back
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # no compiler, no ninja, a header mismatch, a missing symbol: callers fall back
+        lines = str(e).strip().splitlines()
+        return next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(e).__name__)
 
 
 # The C++ kernel's row limit (csrc/small_linear.cpp MAX_M); callers route more rows elsewhere.

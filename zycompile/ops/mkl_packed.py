@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zycompile.ops import cpu_kernels
+
 SOURCE = Path(__file__).with_name("csrc") / "mkl_packed.cpp"
 PACK_HINT = 256  # packed for M = 256, M = 3-512 ran as fast as a copy packed for exactly that M
 # (N, K, M's): the layer shapes of SmolLM2 and a ragged one, at M's near and far from the hint
@@ -29,47 +31,40 @@ def build() -> str | None:
     """Build or load the ops (``torch.ops.zycompile_mkl``) and check them; None if usable, else why not."""
     if not torch._C.has_mkl:
         return "this torch has no MKL"
+    why = cpu_kernels.load_extension("zycompile_mkl_packed", [SOURCE], ["-O2"])
+    if why is not None:  # no compiler, or MKL's symbols not exported by this libtorch
+        return why
+    gen = torch.Generator().manual_seed(0)
     try:
-        from torch.utils.cpp_extension import load
-
-        load(
-            name="zycompile_mkl_packed",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O2"],
-            is_python_module=False,
-            verbose=False,
-        )
-        gen = torch.Generator().manual_seed(0)
         for n, k, ms in _CHECKS:
             w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
-            state = (torch.ops.zycompile_mkl.pack.default(w, PACK_HINT), w, k)
+            state = (torch.ops.zycompile_mkl.pack.default(w, PACK_HINT), w)
             for m in ms:
                 x = torch.randn(m, k, generator=gen)
                 if not torch.allclose(linear(x, state, b), F.linear(x, w, b), rtol=1e-4, atol=1e-3):
                     return f"MKL's packed GEMM disagreed with F.linear at M={m} N={n} K={k}"
-    except Exception as e:  # no compiler, MKL's symbols not exported by this libtorch, a failed call
-        lines = str(e).strip().splitlines()
-        return next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else type(e).__name__)
+    except Exception as e:  # a call MKL or the op refused
+        return str(e).strip().splitlines()[0]
     return None
 
 
-def pack(w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, int]:
-    """(packed copy or None, w, K) for fp32 ``w`` [N, K]. None when the ops are unavailable, said once:
+def pack(w: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(packed copy or None, w) for fp32 ``w`` [N, K]. None when the ops are unavailable, said once:
     a graph loaded from the step cache calls this before any pass asked. Keep the buffer where it is:
     MKL's layout depends on its address."""
     why = build()
     if why is not None:
         _warn_once(why)
-        return None, w, w.shape[1]
-    return torch.ops.zycompile_mkl.pack.default(w, PACK_HINT), w, w.shape[1]
+        return None, w
+    return torch.ops.zycompile_mkl.pack.default(w, PACK_HINT), w
 
 
 def linear(x: torch.Tensor, state: tuple, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` for x [M, K] from ``pack(w)``'s state, any M."""
-    packed, w, k = state
+    packed, w = state
     if packed is None:
         return F.linear(x, w, b)
-    return torch.ops.zycompile_mkl.linear.default(x, packed, w.shape[0], k, b)
+    return torch.ops.zycompile_mkl.linear.default(x, packed, w.shape[0], w.shape[1], b)
 
 
 @functools.cache

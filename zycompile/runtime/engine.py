@@ -8,8 +8,8 @@ that opens like an earlier one starts from the prefix cache's copy of those bloc
 Requests take the lowest free slot; the decode batch is the smallest batch bucket covering the
 highest busy slot, so there is one compiled decode graph per bucket and no recompiles in steady
 state; when requests finish, the one in the highest slot moves down (its filled KV slots copied) if
-that lets a smaller bucket serve the rest. A request that cannot run (too long, empty, bad sampling parameters) is rejected alone with
-its error; the others go on.
+that lets a smaller bucket serve the rest. A request that cannot run (too long, empty, bad sampling
+parameters) is rejected alone with its error; the others go on.
 """
 
 from __future__ import annotations
@@ -111,10 +111,13 @@ class Engine:
 
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_concurrency:
-            slot = min(set(range(self.slots)) - set(self.running))
+            slot = self._lowest_free(self.slots)
             req = self.waiting.popleft()
             req.slot, req.admitted = slot, self.clock()
             self.running[slot] = req
+
+    def _lowest_free(self, below: int) -> int | None:
+        return min(set(range(below)) - set(self.running), default=None)
 
     @property
     def has_work(self) -> bool:
@@ -144,7 +147,7 @@ class Engine:
         buckets = self.gen.batch_buckets
         while self.running:
             top = max(self.running)
-            free = min(set(range(top)) - set(self.running), default=None)
+            free = self._lowest_free(top)
             if free is None:
                 return
             rest = max((s for s in self.running if s != top), default=-1)
