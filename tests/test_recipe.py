@@ -627,6 +627,17 @@ def test_hash_changes_with_value(good, override):
     assert load_recipe(good, [override]).compute_hash() != load_recipe(good).compute_hash()
 
 
+def test_graph_hash_ignores_only_keys_no_graph_depends_on(good):
+    """A new prefix-cache size or step-cache switch keeps the saved and cached graphs; the full hash
+    (reports) still tells the recipes apart, and a graph-relevant key changes both."""
+    base = load_recipe(good)
+    for override in ("runtime.prefix_cache_mb=0", "runtime.step_cache=false"):
+        other = load_recipe(good, [override])
+        assert other.graph_hash() == base.graph_hash() and other.compute_hash() != base.compute_hash()
+    for override in ("runtime.max_seq_len=1024", "debug.dump_dir=/tmp/zy-dumps"):
+        assert load_recipe(good, [override]).graph_hash() != base.graph_hash()
+
+
 def test_hash_depends_on_pass_order(tmp_path):
     a = load_recipe(write(tmp_path, "passes: [canonicalize_attention, fuse_projections]\n", "a.yaml"))
     b = load_recipe(write(tmp_path, "passes: [fuse_projections, canonicalize_attention]\n", "b.yaml"))

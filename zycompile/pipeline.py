@@ -33,7 +33,7 @@ class PassManager:
 
     def uuid(self) -> str:
         """Covers the recipe and every pass's source + options, so Inductor's cache is never stale."""
-        blob = self.recipe.compute_hash() + self.stage + "".join(p.uuid() for p in self.passes)
+        blob = self.recipe.graph_hash() + self.stage + "".join(p.uuid() for p in self.passes)
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def run(self, gm: torch.fx.GraphModule) -> None:

@@ -131,6 +131,11 @@ class RuntimeSection:
             )
 
 
+# Recipe keys that no compiled graph depends on (see ``Recipe.graph_hash``).
+# debug.dump_dir stays in: a cache hit would skip the passes and write no dumps.
+GRAPH_NEUTRAL_KEYS = ("runtime.prefix_cache_mb", "runtime.step_cache")
+
+
 @dataclasses.dataclass(frozen=True)
 class SpeculativeSection:
     """Speculative decoding (runtime/speculative.py): draft ``num_tokens`` tokens, verify them in one
@@ -197,10 +202,20 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def compute_hash(self) -> str:
-        """Stable across processes and key order: sha256 of the canonical JSON of the resolved recipe."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+    def compute_hash(self, ignore: tuple[str, ...] = ()) -> str:
+        """Stable across processes and key order: sha256 of the canonical JSON of the resolved recipe,
+        less the ``ignore``d keys (dotted paths, e.g. ``runtime.prefix_cache_mb``)."""
+        d = self.to_dict()
+        for path in ignore:
+            section, _, key = path.rpartition(".")
+            (d[section] if section else d).pop(key, None)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def graph_hash(self) -> str:
+        """The hash of what compiled graphs depend on: the keys that change no traced code are left out,
+        so a new prefix-cache size does not recompile (or re-save) every graph."""
+        return self.compute_hash(ignore=GRAPH_NEUTRAL_KEYS)
 
     def pass_spec(self, name: str) -> PassSpec | None:
         return next((p for p in self.passes if p.name == name), None)

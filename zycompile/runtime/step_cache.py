@@ -79,7 +79,7 @@ def model_key(owner: Any, fn_name: str) -> str:
             "torch": torch.__version__,
             "zycompile": _source_digest(),
             "tuning": _tuning_digest(),
-            "recipe": recipe.compute_hash(),
+            "recipe": recipe.graph_hash(),
             "config": model.config.to_json_string(use_diff=False),
             "params": params,
             # what else the step reads that the target's parameters do not cover (a draft head's weights)
