@@ -36,15 +36,18 @@ DRAFTERS = {
         ["speculative.method=ngram", "speculative.num_tokens=3", "speculative.cost_aware=true"],
     ),
     "early_exit": ("smollm2-135m", ["speculative.method=early_exit", "speculative.exit_layer=20"]),
-    "eagle": ("smollm2-135m-eagle", []),  # k = 1
+    # as shipped: the head's one draft, or up to 3 from prompt lookup where the last 3-4 tokens repeat
+    "eagle": ("smollm2-135m-eagle", []),
+    "eagle_head": ("smollm2-135m-eagle", ["speculative.lookup_tokens=0"]),  # the head alone, k = 1
     "eagle_k2": ("smollm2-135m-eagle", ["speculative.num_tokens=2"]),
     "eagle_k3": ("smollm2-135m-eagle", ["speculative.num_tokens=3"]),
+    "eagle_lookup5": ("smollm2-135m-eagle", ["speculative.lookup_tokens=5"]),
     "eagle_k3_cost": (
         "smollm2-135m-eagle",
         ["speculative.num_tokens=3", "speculative.cost_aware=true", "speculative.draft_confidence=0.1"],
     ),
 }
-DEFAULT = ["ngram_k4", "ngram", "eagle", "eagle_k3_cost"]  # early_exit (5% acceptance) only on request
+DEFAULT = ["ngram", "eagle_head", "eagle"]  # early_exit (5% acceptance) and the variants on request
 
 
 class System:
@@ -55,8 +58,9 @@ class System:
         self.gen.on_compile = log
         self.new_tokens = new_tokens
         t0 = time.perf_counter()
-        # compiles the graphs (verify widths vary with the drafts; a late one is rare)
-        for ids in prompts[:2]:
+        # compiles the graphs (verify widths vary with the drafts; a late one is rare); the last prompt
+        # repeats itself, so lookup drafts of every width come up too
+        for ids in [*prompts[:2], prompts[0] + prompts[0][-24:] * 4]:
             self.gen.generate([ids], max_new_tokens=new_tokens, ignore_eos=True)
         log(f"warm-up (compile) {time.perf_counter() - t0:.0f}s")
         spec = self.gen.speculator

@@ -631,10 +631,10 @@ def test_graph_hash_ignores_only_keys_no_graph_depends_on(good):
     """A new prefix-cache size or step-cache switch keeps the saved and cached graphs; the full hash
     (reports) still tells the recipes apart, and a graph-relevant key changes both."""
     base = load_recipe(good)
-    for override in ("runtime.prefix_cache_mb=0", "runtime.step_cache=false"):
+    for override in ("runtime.prefix_cache_mb=0", "runtime.step_cache=false", "speculative.num_tokens=2"):
         other = load_recipe(good, [override])
         assert other.graph_hash() == base.graph_hash() and other.compute_hash() != base.compute_hash()
-    for override in ("runtime.max_seq_len=1024", "debug.dump_dir=/tmp/zy-dumps"):
+    for override in ("runtime.max_seq_len=1024", "debug.dump_dir=/tmp/zy-dumps", "speculative.method=ngram"):
         assert load_recipe(good, [override]).graph_hash() != base.graph_hash()
 
 

@@ -50,6 +50,7 @@ def test_each_method_loads(overrides):
         ({"speculative.method": "early_exit"}, "speculative.exit_layer", "needs speculative.exit_layer"),
         ({"speculative.method": "eagle"}, "speculative.eagle_head", "needs speculative.eagle_head"),
         ({"speculative.exit_layer": 0}, "speculative.exit_layer", ">= 1"),
+        ({"speculative.lookup_tokens": -1}, "speculative.lookup_tokens", ">= 0 (0 turns it off)"),
         ({"speculative.draft": "x"}, "speculative.draft", "did you mean 'draft_model'"),
     ],
 )

@@ -132,8 +132,25 @@ class RuntimeSection:
 
 
 # Recipe keys that no compiled graph depends on (see ``Recipe.graph_hash``).
+# The speculative knobs below pick draft lengths at run time; each graph's shapes are in its own key.
 # debug.dump_dir stays in: a cache hit would skip the passes and write no dumps.
-GRAPH_NEUTRAL_KEYS = ("runtime.prefix_cache_mb", "runtime.step_cache")
+GRAPH_NEUTRAL_KEYS = (
+    "runtime.prefix_cache_mb",
+    "runtime.step_cache",
+    *(
+        f"speculative.{k}"
+        for k in (
+            "num_tokens",
+            "adaptive",
+            "min_tokens",
+            "ngram_max",
+            "ngram_min",
+            "draft_confidence",
+            "cost_aware",
+            "lookup_tokens",
+        )
+    ),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +169,9 @@ class SpeculativeSection:
     eagle_head: str | None = None  # eagle: .safetensors from `zycompile train-draft` (relative: recipe dir)
     # eagle: stop drafting (k' < k) once the product of the drafts' probabilities falls below this
     draft_confidence: float = 0.0
+    # eagle: where the context's last ngram_max..ngram_min tokens occurred before (prompt lookup),
+    # draft up to this many of the tokens that followed instead of the head's (0: head only)
+    lookup_tokens: int = 0
     # verify the prefix of the drafts that maximises expected tokens per measured second (draft_length.py)
     cost_aware: bool = False
 
@@ -172,6 +192,8 @@ class SpeculativeSection:
             yield need, f"missing; method '{self.method}' needs speculative.{need}"
         if not 0.0 <= self.draft_confidence < 1.0:
             yield "draft_confidence", f"got {self.draft_confidence!r}; expected a number in [0, 1)"
+        if self.lookup_tokens < 0:
+            yield "lookup_tokens", f"got {self.lookup_tokens!r}; expected an integer >= 0 (0 turns it off)"
         if self.exit_layer is not None and self.exit_layer < 1:
             yield "exit_layer", f"got {self.exit_layer!r}; expected an integer >= 1"
 

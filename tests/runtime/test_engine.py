@@ -112,7 +112,9 @@ def _attention_key_lengths(fn) -> list[int]:
         fn()
     # Calls made while tracing a graph carry no shapes; callers compile their graphs before measuring.
     return [
-        e.input_shapes[1][2] for e in prof.events() if e.name == "zycompile::attention" and len(e.input_shapes) > 1
+        e.input_shapes[1][2]
+        for e in prof.events()
+        if e.name == "zycompile::attention" and len(e.input_shapes) > 1
     ]
 
 

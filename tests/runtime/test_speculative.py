@@ -178,6 +178,28 @@ def test_eagle_drafts_equal_a_cache_free_reference(tiny_head):
     assert draft[0].tolist() == ref
 
 
+def test_eagle_with_prompt_lookup_drafts_repeats_from_the_context_and_output_stays_identical(
+    reference, tiny_head
+):
+    """The head drafts one token; where the context's last 2-3 tokens occurred before (the repetitive
+    prompts), up to 3 lookup drafts replace it for that row. Batched rows mix the two."""
+    opt = _spec(
+        [
+            "speculative.method=eagle",
+            f"speculative.eagle_head={tiny_head}",
+            "speculative.num_tokens=1",
+            "speculative.lookup_tokens=3",
+            "speculative.ngram_min=2",
+        ]
+    )
+    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
+    assert out.tokens == reference
+    assert [opt.generate([p], max_new_tokens=N_NEW, ignore_eos=True).tokens[0] for p in PROMPTS] == reference
+    drafter = opt.generator().speculator.drafter
+    s = out.speculative
+    assert drafter.lookup_rounds > 0 and s["drafted"] > s["rounds"]  # some rounds verified 2-3 drafts
+
+
 def test_eagle_draft_confidence_stops_drafting_early_and_output_stays_identical(reference, tiny_head):
     """An untrained head spreads its probability over 256 draft tokens: with a threshold every round
     verifies only its first draft (k' = 1 of k = 3), and greedy output is unchanged."""
@@ -269,13 +291,15 @@ def test_sampling_with_seed_is_reproducible():
 # ---- engine ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft_model", "eagle"])
+@pytest.mark.parametrize("name", ["ngram", "draft_model", "eagle", "eagle_lookup"])
 def test_engine_requests_get_their_plain_greedy_tokens(name, reference, tiny_head):
     extra = (
         ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}"]
-        if name == "eagle"
+        if name.startswith("eagle")
         else DRAFTERS[name]
     )
+    if name == "eagle_lookup":
+        extra += ["speculative.num_tokens=1", "speculative.lookup_tokens=3", "speculative.ngram_min=2"]
     gen = _spec(extra).generator()
     eng = Engine(gen, max_concurrency=3)
     params = SamplingParams(max_new_tokens=N_NEW, ignore_eos=True)

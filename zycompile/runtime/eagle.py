@@ -27,7 +27,7 @@ from torch import nn
 
 from zycompile.errors import RecipeError
 from zycompile.ops.attention import position_mask
-from zycompile.runtime.drafters import Drafter
+from zycompile.runtime.drafters import Drafter, NgramDrafter
 from zycompile.runtime.kv_cache import StaticKVCache
 from zycompile.runtime.step_cache import compile_cached_step
 
@@ -147,7 +147,11 @@ class EagleDrafter(Drafter):
             gen.dtype,
             gen.device,
         )
-        self.width = spec.num_tokens + 1
+        # prompt lookup beside the head (speculative.lookup_tokens): repeated text drafts from itself
+        self.lookup = NgramDrafter(spec.ngram_max, spec.ngram_min) if spec.lookup_tokens else None
+        self.lookup_tokens = spec.lookup_tokens
+        self.lookup_rounds = 0  # rounds that verified lookup drafts for some row
+        self.width = max(spec.num_tokens, spec.lookup_tokens) + 1
         rows = gen.cache.batch
         self.feat = torch.zeros(rows, self.width, text.hidden_size, dtype=gen.dtype, device=gen.device)
         self.start = [0] * rows  # entries start..pos-1 are pending (features known, not yet in the cache)
@@ -246,7 +250,29 @@ class EagleDrafter(Drafter):
             if low:  # every later draft is less likely still: no draft call for it
                 break
         self.confidence = torch.stack(confs, 1)
-        return torch.stack(toks, 1), torch.stack(qs, 1) if qs else None
+        draft = torch.stack(toks, 1)
+        if self.lookup is not None and not qs:
+            return self._with_lookup(ctx, pos, draft)
+        return draft, torch.stack(qs, 1) if qs else None
+
+    def _with_lookup(self, ctx, pos, draft):
+        """Rows whose context repeats (the lookup's match) draft what followed it, the others keep the
+        head's drafts; greedy rows only (a lookup draft has no distribution to resample from). The
+        head's first call still ran: it took in the last round's entries, which it needs either way."""
+        found = [
+            self.lookup.lookup(c, self.lookup_tokens) if len(c) == int(p) + 1 else []
+            for c, p in zip(ctx, pos.tolist())
+        ]
+        if not any(found):
+            return draft, None
+        self.lookup_rounds += 1
+        width = max(draft.shape[1], max(len(f) for f in found))
+        rows = []
+        for f, d in zip(found, draft.tolist()):
+            r = f or d  # shorter rows repeat their last draft: verified, mostly rejected, never wrong
+            rows.append((r + [r[-1]] * width)[:width])
+        self.confidence = None  # the head's probabilities say nothing of lookup drafts
+        return torch.tensor(rows, dtype=torch.long, device=draft.device), None
 
     def observe(self, pos, n, next_tok, hidden, k):
         """The verified positions' features (through the last accepted one) are the next entries."""

@@ -349,7 +349,7 @@ def build_speculator(gen: Any) -> Speculator | None:
     spec = getattr(gen.recipe, "speculative", None)
     if spec is None or spec.method == "none":
         return None
-    if spec.num_tokens + 1 > gen.max_seq_len:
+    if max(spec.num_tokens, spec.lookup_tokens) + 1 > gen.max_seq_len:
         raise GenerationError(
             f"speculative.num_tokens={spec.num_tokens} needs runtime.max_seq_len > {spec.num_tokens}"
         )
@@ -361,7 +361,8 @@ def _allow_recompiles(gen: Any, spec: Any) -> None:
     """Graphs per compiled function: verify per (batch bucket, k), prefill per bucket; a draft model's
     Generator shares ``Generator._step``'s code object (and so Dynamo's per-code limit) with the target."""
     nb, npf = len(gen.batch_buckets), len(gen.prefill_buckets)
-    need = 2 * (npf * nb + 2 * nb) + nb * (spec.num_tokens + 2) + 16
+    widths = max(spec.num_tokens, spec.lookup_tokens if spec.method == "eagle" else 0)
+    need = 2 * (npf * nb + 2 * nb) + nb * (widths + 2) + 16
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     if getattr(cfg, name) < need:
