@@ -257,8 +257,9 @@ class EagleDrafter(Drafter):
 
     def _with_lookup(self, ctx, pos, draft):
         """Rows whose context repeats (the lookup's match) draft what followed it, the others keep the
-        head's drafts; greedy rows only (a lookup draft has no distribution to resample from). The
-        head's first call still ran: it took in the last round's entries, which it needs either way."""
+        head's drafts. Only called when every row is greedy: a lookup draft has no distribution for
+        rejection sampling. The head's first call still ran: it took in the last round's entries,
+        which it needs either way."""
         found = [
             self.lookup.lookup(c, self.lookup_tokens) if len(c) == int(p) + 1 else []
             for c, p in zip(ctx, pos.tolist())
