@@ -137,19 +137,14 @@ class RuntimeSection:
 GRAPH_NEUTRAL_KEYS = (
     "runtime.prefix_cache_mb",
     "runtime.step_cache",
-    *(
-        f"speculative.{k}"
-        for k in (
-            "num_tokens",
-            "adaptive",
-            "min_tokens",
-            "ngram_max",
-            "ngram_min",
-            "draft_confidence",
-            "cost_aware",
-            "lookup_tokens",
-        )
-    ),
+    "speculative.num_tokens",
+    "speculative.adaptive",
+    "speculative.min_tokens",
+    "speculative.ngram_max",
+    "speculative.ngram_min",
+    "speculative.draft_confidence",
+    "speculative.cost_aware",
+    "speculative.lookup_tokens",
 )
 
 
@@ -174,6 +169,11 @@ class SpeculativeSection:
     lookup_tokens: int = 0
     # verify the prefix of the drafts that maximises expected tokens per measured second (draft_length.py)
     cost_aware: bool = False
+
+    @property
+    def max_drafts(self) -> int:
+        """The most drafts one verify can hold: the head's k, or a longer prompt-lookup run (eagle)."""
+        return max(self.num_tokens, self.lookup_tokens if self.method == "eagle" else 0)
 
     def check(self):
         if self.num_tokens < 1:

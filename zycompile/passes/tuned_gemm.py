@@ -264,9 +264,7 @@ class TunedGemmPass(GraphPass):
         ranked = sorted((n for n, t in times.items() if t), key=lambda n: times[n])
         # a static M takes the winner, or the next fastest if the winner cannot run here (no compiler
         # for its kernel); the other cases pick among candidates the winner may not be
-        names = [entry.winner, *ranked]
-        if dynamic or borrowed or not self.opts.weight_copies:
-            names = ranked
+        names = ranked if dynamic or borrowed or not self.opts.weight_copies else [entry.winner, *ranked]
         for name in names:
             cand = CANDIDATES.get(name)  # None: e.g. a hipBLASLt solution, meaningless on CPU
             if cand is None or name == DEFAULT or (cand.copies_weight and not self.opts.weight_copies):

@@ -151,7 +151,7 @@ class EagleDrafter(Drafter):
         self.lookup = NgramDrafter(spec.ngram_max, spec.ngram_min) if spec.lookup_tokens else None
         self.lookup_tokens = spec.lookup_tokens
         self.lookup_rounds = 0  # rounds that verified lookup drafts for some row
-        self.width = max(spec.num_tokens, spec.lookup_tokens) + 1
+        self.width = spec.max_drafts + 1
         rows = gen.cache.batch
         self.feat = torch.zeros(rows, self.width, text.hidden_size, dtype=gen.dtype, device=gen.device)
         self.start = [0] * rows  # entries start..pos-1 are pending (features known, not yet in the cache)

@@ -349,9 +349,10 @@ def build_speculator(gen: Any) -> Speculator | None:
     spec = getattr(gen.recipe, "speculative", None)
     if spec is None or spec.method == "none":
         return None
-    if max(spec.num_tokens, spec.lookup_tokens) + 1 > gen.max_seq_len:
+    if spec.max_drafts + 1 > gen.max_seq_len:
+        key = "num_tokens" if spec.max_drafts == spec.num_tokens else "lookup_tokens"
         raise GenerationError(
-            f"speculative.num_tokens={spec.num_tokens} needs runtime.max_seq_len > {spec.num_tokens}"
+            f"speculative.{key}={spec.max_drafts} needs runtime.max_seq_len > {spec.max_drafts}"
         )
     _allow_recompiles(gen, spec)
     return Speculator(gen, spec)
@@ -361,8 +362,7 @@ def _allow_recompiles(gen: Any, spec: Any) -> None:
     """Graphs per compiled function: verify per (batch bucket, k), prefill per bucket; a draft model's
     Generator shares ``Generator._step``'s code object (and so Dynamo's per-code limit) with the target."""
     nb, npf = len(gen.batch_buckets), len(gen.prefill_buckets)
-    widths = max(spec.num_tokens, spec.lookup_tokens if spec.method == "eagle" else 0)
-    need = 2 * (npf * nb + 2 * nb) + nb * (widths + 2) + 16
+    need = 2 * (npf * nb + 2 * nb) + nb * (spec.max_drafts + 2) + 16
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     if getattr(cfg, name) < need:
