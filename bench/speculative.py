@@ -36,18 +36,31 @@ DRAFTERS = {
         ["speculative.method=ngram", "speculative.num_tokens=3", "speculative.cost_aware=true"],
     ),
     "early_exit": ("smollm2-135m", ["speculative.method=early_exit", "speculative.exit_layer=20"]),
-    # as shipped: the head's one draft, or up to 3 from prompt lookup where the last 3-4 tokens repeat
+    # as shipped: a draft tree of the head's 2 best first tokens, or a prompt-lookup run of up to 3
+    # beside its best one where the last 3-4 tokens repeat
     "eagle": ("smollm2-135m-eagle", []),
-    "eagle_head": ("smollm2-135m-eagle", ["speculative.lookup_tokens=0"]),  # the head alone, k = 1
-    "eagle_k2": ("smollm2-135m-eagle", ["speculative.num_tokens=2"]),
-    "eagle_k3": ("smollm2-135m-eagle", ["speculative.num_tokens=3"]),
-    "eagle_lookup5": ("smollm2-135m-eagle", ["speculative.lookup_tokens=5"]),
+    "eagle_chain": ("smollm2-135m-eagle", ["speculative.tree=[]"]),  # one head draft, or the lookup run
+    "eagle_head": ("smollm2-135m-eagle", ["speculative.lookup_tokens=0", "speculative.tree=[]"]),  # k = 1
+    "eagle_k2": ("smollm2-135m-eagle", ["speculative.num_tokens=2", "speculative.tree=[]"]),
+    "eagle_k3": ("smollm2-135m-eagle", ["speculative.num_tokens=3", "speculative.tree=[]"]),
+    "eagle_lookup5": ("smollm2-135m-eagle", ["speculative.lookup_tokens=5", "speculative.tree=[]"]),
+    # draft trees (speculative.tree), with the same prompt lookup: [2, 1] = the head's 2 best first
+    # tokens, and its best second token under the better one
+    "eagle_tree21": ("smollm2-135m-eagle", ["speculative.tree=[2, 1]"]),
+    "eagle_tree3": ("smollm2-135m-eagle", ["speculative.tree=[3]"]),
+    "eagle_tree31": ("smollm2-135m-eagle", ["speculative.tree=[3, 1]"]),
+    "eagle_tree32": ("smollm2-135m-eagle", ["speculative.tree=[3, 2]"]),
     "eagle_k3_cost": (
         "smollm2-135m-eagle",
-        ["speculative.num_tokens=3", "speculative.cost_aware=true", "speculative.draft_confidence=0.1"],
+        [
+            "speculative.num_tokens=3",
+            "speculative.cost_aware=true",
+            "speculative.draft_confidence=0.1",
+            "speculative.tree=[]",
+        ],
     ),
 }
-DEFAULT = ["ngram", "eagle_head", "eagle"]  # early_exit (5% acceptance) and the variants on request
+DEFAULT = ["ngram", "eagle_head", "eagle_chain", "eagle"]  # early_exit (5% acceptance) and the variants on request
 
 
 class System:

@@ -51,6 +51,9 @@ def test_each_method_loads(overrides):
         ({"speculative.method": "eagle"}, "speculative.eagle_head", "needs speculative.eagle_head"),
         ({"speculative.exit_layer": 0}, "speculative.exit_layer", ">= 1"),
         ({"speculative.lookup_tokens": -1}, "speculative.lookup_tokens", ">= 0 (0 turns it off)"),
+        ({"speculative.tree": [2, 0]}, "speculative.tree", "each >= 1, at most 15 nodes"),
+        ({"speculative.tree": [8, 8]}, "speculative.tree", "got [8, 8]"),
+        ({"speculative.tree": "wide"}, "speculative.tree", "expected"),
         ({"speculative.draft": "x"}, "speculative.draft", "did you mean 'draft_model'"),
     ],
 )

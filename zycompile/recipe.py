@@ -145,7 +145,11 @@ GRAPH_NEUTRAL_KEYS = (
     "speculative.draft_confidence",
     "speculative.cost_aware",
     "speculative.lookup_tokens",
+    "speculative.tree",
 )
+
+
+MAX_TREE_NODES = 15  # a tree block (nodes + the pending token) within the CPU attention kernel's 16 queries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,13 +171,19 @@ class SpeculativeSection:
     # eagle: where the context's last ngram_max..ngram_min tokens occurred before (prompt lookup),
     # draft up to this many of the tokens that followed instead of the head's (0: head only)
     lookup_tokens: int = 0
+    # eagle: verify a draft tree, not a chain (greedy rows): [w_1, w_2, ...] = the head's w_1 most likely
+    # first tokens, its w_2 most likely second tokens under the best first one, ... (empty: a chain)
+    tree: tuple[int, ...] = ()
     # verify the prefix of the drafts that maximises expected tokens per measured second (draft_length.py)
     cost_aware: bool = False
 
     @property
     def max_drafts(self) -> int:
-        """The most drafts one verify can hold: the head's k, or a longer prompt-lookup run (eagle)."""
-        return max(self.num_tokens, self.lookup_tokens if self.method == "eagle" else 0)
+        """The most drafts one verify can hold: the head's k, a longer prompt-lookup run (eagle), or a
+        draft tree's nodes (a lookup run sits beside the head's best first token in a tree)."""
+        if self.method != "eagle":
+            return self.num_tokens
+        return max(self.num_tokens, sum(self.tree), self.lookup_tokens + (1 if self.tree else 0))
 
     def check(self):
         if self.num_tokens < 1:
@@ -194,6 +204,12 @@ class SpeculativeSection:
             yield "draft_confidence", f"got {self.draft_confidence!r}; expected a number in [0, 1)"
         if self.lookup_tokens < 0:
             yield "lookup_tokens", f"got {self.lookup_tokens!r}; expected an integer >= 0 (0 turns it off)"
+        if any(w < 1 for w in self.tree) or sum(self.tree) > MAX_TREE_NODES:
+            yield (
+                "tree",
+                f"got {list(self.tree)!r}; expected candidates per depth, each >= 1, at most "
+                f"{MAX_TREE_NODES} nodes in all (e.g. [2, 1])",
+            )
         if self.exit_layer is not None and self.exit_layer < 1:
             yield "exit_layer", f"got {self.exit_layer!r}; expected an integer >= 1"
 

@@ -13,6 +13,7 @@ from zycompile.models import load_model
 from zycompile.runtime.eagle import EagleHead, save_head
 from zycompile.runtime.engine import Engine
 from zycompile.runtime.sampling import SamplingParams
+from zycompile.runtime.draft_tree import DraftTree, tree_mask
 from zycompile.runtime.speculative import accept_greedy, accept_rejection
 
 FAST = ["lowering.backend=aot_eager", "runtime.prefill_buckets=[8, 32]", "runtime.max_seq_len=96"]
@@ -200,6 +201,83 @@ def test_eagle_with_prompt_lookup_drafts_repeats_from_the_context_and_output_sta
     assert drafter.lookup_rounds > 0 and s["drafted"] > s["rounds"]  # some rounds verified 2-3 drafts
 
 
+# ---- draft trees -----------------------------------------------------------------------------
+
+
+def test_draft_tree_merges_shared_prefixes_and_accepts_the_argmax_path():
+    tree = DraftTree.from_paths([[[4], [5], [4, 6], [4, 7, 8]], [[9]]])
+    assert tree.tokens == [[4, 5, 6, 7, 8], [9]]
+    assert tree.parents == [[0, 0, 1, 1, 4], [0]]
+    ids, depth, anc = tree.inputs([1, 2], width=6)
+    assert ids.tolist() == [[1, 4, 5, 6, 7, 8], [2, 9, 2, 2, 2, 2]]  # row 1 padded with its pending token
+    assert depth.tolist() == [[0, 1, 1, 2, 2, 3], [0, 1, 1, 1, 1, 1]]
+    assert anc[0, 5].tolist() == [True, True, False, False, True, True]  # 8 <- 7 <- 4 <- pending
+    # target argmax after each node: row 0 follows 4 -> 7 -> 8 then corrects; row 1's padding is never
+    # accepted even where the target picks its token (2), and the next token is the correction
+    target = [[4, 7, 0, 0, 8, 3], [2, 0, 0, 0, 0, 0]]
+    paths, nxt = tree.accept_greedy(target)
+    assert paths == [[1, 4, 5], []] and nxt == [3, 2]
+
+
+def test_tree_mask_sees_the_context_and_each_nodes_ancestors():
+    tree = DraftTree.from_paths([[[4], [5], [4, 6]]])
+    _, _, anc = tree.inputs([1], width=4)
+    keys = torch.arange(12)
+    mask = tree_mask(keys, torch.tensor([5]), anc)[0, 0]  # block in slots 5..8
+    assert mask[:, :5].all() and not mask[:, 9:].any()
+    assert mask[:, 5:9].tolist() == anc[0].tolist()
+
+
+def _oracle_tree(drafter, reference, prompts):
+    """Trees that hide each row's true continuation behind wrong branches: [wrong], [t1, wrong],
+    [t1, t2, t3]. Accepting it takes the second branch at depth 1 (block slots 2, 4, 5), so every
+    round moves the accepted K/V; an error there changes the next tokens."""
+    vocab = 512
+
+    def propose_tree(ctx, pending, pos):
+        paths = []
+        for c in ctx:
+            i = next((i for i, p in enumerate(prompts) if c[: len(p)] == p), 0)
+            done = len(c) - len(prompts[i])
+            t = (reference[i][done : done + 3] + [0, 0, 0])[:3]
+            paths.append([[(t[0] + 1) % vocab], [t[0], (t[1] + 1) % vocab], t[:3]])
+        return DraftTree.from_paths(paths)
+
+    drafter.propose_tree = propose_tree
+
+
+def test_tree_verify_with_branching_accepts_move_the_cache_right(reference, tiny_head):
+    prompts = [PROMPTS[0], PROMPTS[2]]  # distinct prompts: the oracle finds a row by its prompt
+    opt = _spec(["speculative.method=eagle", f"speculative.eagle_head={tiny_head}", "speculative.tree=[2, 2, 1]"])
+    spec = opt.generator().speculator
+    _oracle_tree(spec.drafter, [reference[0], reference[2]], prompts)
+    out = opt.generate(prompts, max_new_tokens=N_NEW, ignore_eos=True)
+    assert out.tokens == [reference[0], reference[2]]
+    s = out.speculative
+    assert s["tree_rounds"] == s["forwards"] and s["tokens_per_forward"] > 3.5  # 3 accepted + bonus a round
+
+
+def test_eagle_tree_greedy_identical_alone_and_batched(reference, tiny_head):
+    opt = _spec(
+        [
+            "speculative.method=eagle",
+            f"speculative.eagle_head={tiny_head}",
+            "speculative.tree=[3, 2]",
+            "speculative.lookup_tokens=3",
+            "speculative.ngram_min=2",
+        ]
+    )
+    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
+    assert out.tokens == reference
+    assert [opt.generate([p], max_new_tokens=N_NEW, ignore_eos=True).tokens[0] for p in PROMPTS] == reference
+    s = out.speculative
+    assert s["tree_rounds"] == s["forwards"] > 0 and s["drafted"] > 3 * s["rounds"]  # 5 nodes, or lookup
+    # sampled rows verify a chain (tree rejection sampling is not implemented)
+    before = opt.generator().speculator.stats.tree_rounds
+    opt.generate(PROMPTS[:1], max_new_tokens=4, temperature=0.8, seed=0, ignore_eos=True)
+    assert opt.generator().speculator.stats.tree_rounds == before
+
+
 def test_eagle_draft_confidence_stops_drafting_early_and_output_stays_identical(reference, tiny_head):
     """An untrained head spreads its probability over 256 draft tokens: with a threshold every round
     verifies only its first draft (k' = 1 of k = 3), and greedy output is unchanged."""
@@ -291,7 +369,7 @@ def test_sampling_with_seed_is_reproducible():
 # ---- engine ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ngram", "draft_model", "eagle", "eagle_lookup"])
+@pytest.mark.parametrize("name", ["ngram", "draft_model", "eagle", "eagle_lookup", "eagle_tree"])
 def test_engine_requests_get_their_plain_greedy_tokens(name, reference, tiny_head):
     extra = (
         ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}"]
@@ -300,6 +378,8 @@ def test_engine_requests_get_their_plain_greedy_tokens(name, reference, tiny_hea
     )
     if name == "eagle_lookup":
         extra += ["speculative.num_tokens=1", "speculative.lookup_tokens=3", "speculative.ngram_min=2"]
+    if name == "eagle_tree":
+        extra += ["speculative.tree=[2, 1]", "speculative.lookup_tokens=3", "speculative.ngram_min=2"]
     gen = _spec(extra).generator()
     eng = Engine(gen, max_concurrency=3)
     params = SamplingParams(max_new_tokens=N_NEW, ignore_eos=True)

@@ -27,6 +27,7 @@ from torch import nn
 
 from zycompile.errors import RecipeError
 from zycompile.ops.attention import position_mask
+from zycompile.runtime.draft_tree import DraftTree
 from zycompile.runtime.drafters import Drafter, NgramDrafter
 from zycompile.runtime.kv_cache import StaticKVCache
 from zycompile.runtime.step_cache import compile_cached_step
@@ -165,6 +166,7 @@ class EagleDrafter(Drafter):
         )
         self.max_pos = gen.max_seq_len - 1
         self.threshold = spec.draft_confidence
+        self.tree = tuple(spec.tree)
 
     def _draft(self, feat, ids, pos, last, rows=None):
         gen = self.gen
@@ -206,10 +208,10 @@ class EagleDrafter(Drafter):
                 self.feat[row, 0] = hidden[b, end - start]
                 self.start[row] = end
 
-    def propose(self, ctx, pending, pos, params, generators, k):
-        from zycompile.runtime.speculative import pick
-
-        gen, dev = self.gen, self.gen.device
+    def _catch_up(self, ctx, pos):
+        """The head's first call of a round: it takes in the entries the last verify left pending and
+        returns the logits (draft vocabulary) and feature of d_1's prediction."""
+        dev = self.gen.device
         bsz = len(ctx)
         # Catch-up over only as many entries as some row has pending (accepted drafts + 1): one small
         # head graph per width, and the one-token calls below share the width-1 graph.
@@ -226,15 +228,24 @@ class EagleDrafter(Drafter):
             ids[b, : len(nxt)] = torch.tensor(nxt, dtype=torch.long)
             epos[b] = (torch.arange(width) + s).clamp(max=self.max_pos)
             last[b] = p - s - 1
-        logits, g = self.draft(self.feat[:bsz, :width], ids.to(dev), epos.to(dev), last.to(dev))
+        return self.draft(self.feat[:bsz, :width], ids.to(dev), epos.to(dev), last.to(dev))
+
+    def _next(self, g, tok, pos, j):
+        """The head's call for draft j + 1, fed its own feature g and draft j (at position pos + j - 1)."""
+        step_pos = (pos[:, None] + j - 1).clamp(max=self.max_pos).to(self.gen.device)
+        return self.draft(g[:, None], tok[:, None], step_pos, torch.zeros_like(step_pos[:, 0]))
+
+    def propose(self, ctx, pending, pos, params, generators, k):
+        from zycompile.runtime.speculative import pick
+
+        gen, dev = self.gen, self.gen.device
+        bsz = len(ctx)
+        logits, g = self._catch_up(ctx, pos)
         toks, qs, confs = [], [], []
         conf = torch.ones(bsz, device=dev)
         for j in range(k):
             if j:
-                step_pos = (pos[:, None] + j - 1).clamp(max=self.max_pos).to(dev)
-                logits, g = self.draft(
-                    g[:, None], toks[-1][:, None], step_pos, torch.zeros_like(last).to(dev)
-                )
+                logits, g = self._next(g, toks[-1], pos, j)
             sub, q_sub = pick(logits, params, generators)
             # P(draft j and all before it accepted) ~ the product of the head's probabilities: below
             # ``draft_confidence`` a draft costs verify width (and draft calls) for little expected gain.
@@ -254,6 +265,39 @@ class EagleDrafter(Drafter):
         if self.lookup is not None and not qs:
             return self._with_lookup(ctx, pos, draft)
         return draft, torch.stack(qs, 1) if qs else None
+
+    def propose_tree(self, ctx, pending, pos) -> DraftTree:
+        """A draft tree (``speculative.tree`` = [w_1, w_2, ...]): the head's w_1 most likely tokens for
+        d_1; under the most likely of them its w_2 most likely for d_2; and so on, one head call per
+        depth. Where the context repeats (``lookup_tokens``), the row's tree is the prompt-lookup run
+        beside the head's best first token instead: every verify position costs ~5% of a step here,
+        and the run is worth more than the head's other branches. Greedy rows only: the tree's
+        verify accepts the target's argmax path."""
+        bsz = len(ctx)
+        paths: list[list[list[int]]] = [[] for _ in range(bsz)]
+        logits, g = self._catch_up(ctx, pos)
+        best: torch.Tensor | None = None
+        prefix: list[list[int]] = [[] for _ in range(bsz)]
+        for depth, count in enumerate(self.tree):
+            if depth:
+                logits, g = self._next(g, best, pos, depth)
+            top = self.head.vocab_ids[logits.topk(count, -1).indices]  # [B, count], most likely first
+            for b, cands in enumerate(top.tolist()):
+                paths[b].extend(prefix[b] + [c] for c in cands)
+                prefix[b] = prefix[b] + [cands[0]]
+            best = top[:, 0]
+        if self.lookup is not None:
+            found = [
+                self.lookup.lookup(c, self.lookup_tokens) if len(c) == int(p) + 1 else []
+                for c, p in zip(ctx, pos.tolist())
+            ]
+            if any(found):
+                self.lookup_rounds += 1
+                for b, f in enumerate(found):
+                    if f:
+                        paths[b] = [f, paths[b][0][:1]]
+        self.confidence = None
+        return DraftTree.from_paths(paths)
 
     def _with_lookup(self, ctx, pos, draft):
         """Rows whose context repeats (the lookup's match) draft what followed it, the others keep the

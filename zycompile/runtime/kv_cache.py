@@ -106,6 +106,13 @@ class StaticKVCache:
         for t in (*self.keys, *self.values):
             t[dst, :, :n].copy_(t[src, :, :n])
 
+    def move_slots(self, rows: list[int], src: list[int], dst: list[int]) -> None:
+        """Slot ``src[i]`` of row ``rows[i]`` to slot ``dst[i]`` (a draft tree's accepted path moving to
+        consecutive positions); every source is read before any slot is written."""
+        r, s, d = (torch.tensor(x, device=self.key_positions.device) for x in (rows, src, dst))
+        for t in (*self.keys, *self.values):
+            t[r, :, d] = t[r, :, s]
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are passed explicitly; HF never needs to infer them from us
 

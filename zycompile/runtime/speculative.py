@@ -28,6 +28,7 @@ import torch
 from zycompile.errors import GenerationError
 from zycompile.ops.attention import position_mask
 from zycompile.runtime.draft_length import DraftLength
+from zycompile.runtime.draft_tree import DraftTree, tree_mask
 from zycompile.runtime.generate import bucket_for
 from zycompile.runtime.sampling import SamplingParams, probabilities, sample
 from zycompile.runtime.step_cache import compile_cached_step, compile_verb
@@ -44,6 +45,7 @@ class SpecStats:
     drafted: int = 0
     accepted: int = 0
     emitted: int = 0  # tokens the rounds added to outputs (accepted drafts + correction/bonus)
+    tree_rounds: int = 0  # target forwards that verified a draft tree (drafted = its nodes)
 
     @property
     def acceptance_rate(self) -> float:
@@ -171,10 +173,18 @@ class Speculator:
         # the step cache keys them by this owner's model and recipe.
         self.model, self.recipe, self.device = gen.model, gen.recipe, gen.device
         self.compiled_forward = compile_cached_step(
-            self._forward, gen.opt.backend, self, ("ids", "pos", "last", "rows", "keys")
+            self._forward, gen.opt.backend, self, ("ids", "pos", "last", "rows", "keys", "tree")
         )
         self.seen_shapes: set[tuple] = set()
         self.drafter = build_drafter(gen, spec)
+        # Verify widths of draft trees (speculative.tree): the head's tree, and a prompt-lookup run
+        # beside the head's best first token; a smaller tree pads to the next (one graph per width
+        # and batch bucket).
+        self.tree_widths = (
+            sorted({1 + sum(spec.tree), 2 + spec.lookup_tokens if spec.lookup_tokens else 1})
+            if spec.tree and hasattr(self.drafter, "propose_tree") and gen.cache.can_move_rows
+            else []
+        )
         self.length = (
             DraftLength(spec.num_tokens, allow_plain=not self.drafter.needs_hidden)
             if spec.cost_aware
@@ -183,12 +193,17 @@ class Speculator:
 
     # ---- compiled target forward: logits at every position (verify) or at ``last`` (prefill) ----
 
-    def _forward(self, ids, pos, last=None, rows=None, keys=None):
+    def _forward(self, ids, pos, last=None, rows=None, keys=None, tree=None):
         gen = self.gen
         cache = gen.cache
-        cache.set_step(pos, rows, keys)
+        if tree is None:
+            cache.set_step(pos, rows, keys)
+        else:  # a draft tree (draft_tree.py): pos = RoPE positions; its nodes fill the block's slots in order
+            block = torch.arange(ids.shape[1], device=pos.device)
+            cache.set_step((pos[:, :1] + block).clamp(max=gen.max_seq_len - 1), rows, keys)
         keys = torch.arange(gen.max_seq_len, device=pos.device) if keys is None else keys
-        mask = position_mask(keys, pos)  # [B, 1, T, S]: causal per row
+        # [B, 1, T, S]: causal per row, or each tree node over the context and its own ancestors
+        mask = position_mask(keys, pos) if tree is None else tree_mask(keys, pos[:, 0], tree)
         kwargs = {gen.cache_kw: cache, "attention_mask": mask, "position_ids": pos, "use_cache": True}
         if gen._can_split_head():
             hidden = gen.decoder(input_ids=ids, **kwargs).last_hidden_state
@@ -200,17 +215,23 @@ class Speculator:
         )
         return logits.float(), out.hidden_states[-1]
 
-    def forward(self, ids, pos, last=None, rows=None, keys=None):
+    def forward(self, ids, pos, last=None, rows=None, keys=None, tree=None):
         dyn = last is not None and self.gen.dynamic_prefill and ids.shape[1] > 1  # one symbolic-length graph
-        key = (ids.shape[0], "dyn" if dyn else ids.shape[1], last is None, rows is None)
+        key = (ids.shape[0], "dyn" if dyn else ids.shape[1], last is None, rows is None, tree is None)
         if key not in self.seen_shapes:
             self.seen_shapes.add(key)
             if self.gen.on_compile:
-                what = f"verify graph for k={ids.shape[1] - 1}" if last is None else "prefill graph (hidden)"
-                verb = compile_verb(self.compiled_forward, ids, pos, last, rows, keys)
+                what = (
+                    "prefill graph (hidden)"
+                    if last is not None
+                    else f"verify graph for k={ids.shape[1] - 1}"
+                    if tree is None
+                    else f"tree verify graph for {ids.shape[1] - 1} nodes"
+                )
+                verb = compile_verb(self.compiled_forward, ids, pos, last, rows, keys, tree)
                 self.gen.on_compile(f"{verb} {what}, batch {ids.shape[0]} x {ids.shape[1]} tokens")
         with torch.no_grad():
-            return self.compiled_forward(ids, pos, last, rows, keys)
+            return self.compiled_forward(ids, pos, last, rows, keys, tree)
 
     # ---- prefill: the target's, plus what the drafter keeps of the prompt ----------------------
 
@@ -250,6 +271,8 @@ class Speculator:
         gen, k = self.gen, self.k
         dev = gen.device
         top = gen.max_seq_len - 1
+        if self._tree_fits(pos, params, active):
+            return self._tree_round(ctx, pending, pos, active)
         draft, q = self.drafter.propose(ctx, pending, pos, params, generators, k)
         if draft is not None and self.length is not None:  # cost-aware: keep the drafts that pay
             conf = self.drafter.confidence
@@ -266,7 +289,7 @@ class Speculator:
             k_used = 0
         else:  # the drafter may stop short of k (no match, low confidence): verify what it drafted
             k_used = draft.shape[1]
-            timed = (len(ctx), k_used + 1, True, True) in self.seen_shapes
+            timed = (len(ctx), k_used + 1, True, True, True) in self.seen_shapes
             ids = torch.cat([pending[:, None], draft], 1).to(dev)
             vpos = (pos[:, None] + torch.arange(k_used + 1)).clamp(max=top).to(dev)
             logits, hidden = self.forward(ids, vpos)
@@ -290,6 +313,50 @@ class Speculator:
         if self.spec.adaptive and k_used:
             full = all(n_list[b] == k_used for b in range(len(ctx)) if active[b])
             self.k = min(k + 1, self.spec.num_tokens) if full else max(k - 1, self.spec.min_tokens)
+        return out
+
+    # ---- a draft tree's round (greedy rows only) ---------------------------------------------------
+
+    def _tree_fits(self, pos, params, active) -> bool:
+        """Whether this round verifies a draft tree: the drafter builds trees, every row is greedy
+        (tree rejection sampling is not implemented: sampled rows verify a chain), the cache keeps
+        position p in slot p, and every active row's block fits before the cache's end."""
+        if not self.tree_widths or not all(p.greedy for p in params):
+            return False
+        top = self.gen.max_seq_len - 1
+        return all(int(p) + self.tree_widths[-1] - 1 <= top for p, a in zip(pos.tolist(), active) if a)
+
+    def _tree_round(self, ctx, pending, pos, active) -> list[list[int]]:
+        gen, dev = self.gen, self.gen.device
+        tree = self.drafter.propose_tree(ctx, pending, pos)
+        nodes = tree.nodes
+        width = next(w for w in self.tree_widths if w > max(nodes))
+        ids, depth, anc = tree.inputs(pending.tolist(), width)
+        logits, hidden = self.forward(ids.to(dev), (pos[:, None] + depth).to(dev), tree=anc.to(dev))
+        paths, nxt = tree.accept_greedy(logits.argmax(-1).tolist())
+        # The accepted path's K/V to consecutive slots after the pending token's (when it took a branch).
+        moves = [
+            (b, int(pos[b]) + node, int(pos[b]) + i)
+            for b, path in enumerate(paths)
+            for i, node in enumerate(path, 1)
+            if node != i
+        ]
+        if moves:
+            gen.cache.move_slots(*map(list, zip(*moves)))
+        # The drafter sees the path as a chain: the hidden states of the pending token and the path.
+        longest = max(len(p) for p in paths)
+        idx = torch.tensor([[0, *p] + [p[-1] if p else 0] * (longest - len(p)) for p in paths], device=dev)
+        n = torch.tensor([len(p) for p in paths])
+        self.drafter.observe(pos, n, torch.tensor(nxt), hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1])), longest)
+        out = []
+        for b, path in enumerate(paths):
+            out.append([tree.tokens[b][node - 1] for node in path] + [nxt[b]])
+            if active[b]:
+                self.stats.rounds += 1
+                self.stats.drafted += nodes[b]
+                self.stats.accepted += len(path)
+        self.stats.forwards += 1
+        self.stats.tree_rounds += 1
         return out
 
     # ---- Generator.generate's loop for one batch group ------------------------------------------
@@ -350,7 +417,13 @@ def build_speculator(gen: Any) -> Speculator | None:
     if spec is None or spec.method == "none":
         return None
     if spec.max_drafts + 1 > gen.max_seq_len:
-        key = "num_tokens" if spec.max_drafts == spec.num_tokens else "lookup_tokens"
+        key = (
+            "num_tokens"
+            if spec.max_drafts == spec.num_tokens
+            else "tree"
+            if spec.max_drafts == sum(spec.tree)
+            else "lookup_tokens"
+        )
         raise GenerationError(
             f"speculative.{key}={spec.max_drafts} needs runtime.max_seq_len > {spec.max_drafts}"
         )
