@@ -334,12 +334,13 @@ class Speculator:
         ids, depth, anc = tree.inputs(pending.tolist(), width)
         logits, hidden = self.forward(ids.to(dev), (pos[:, None] + depth).to(dev), tree=anc.to(dev))
         paths, nxt = tree.accept_greedy(logits.argmax(-1).tolist())
-        # The accepted path's K/V to consecutive slots after the pending token's (when it took a branch).
+        # The accepted path's K/V to consecutive slots after the pending token's (when it took a branch;
+        # idle engine slots keep theirs: nothing reads them, and their block may overhang the cache).
         moves = [
             (b, int(pos[b]) + node, int(pos[b]) + i)
             for b, path in enumerate(paths)
             for i, node in enumerate(path, 1)
-            if node != i
+            if node != i and active[b]
         ]
         if moves:
             gen.cache.move_slots(*map(list, zip(*moves)))
@@ -347,7 +348,8 @@ class Speculator:
         longest = max(len(p) for p in paths)
         idx = torch.tensor([[0, *p] + [p[-1] if p else 0] * (longest - len(p)) for p in paths], device=dev)
         n = torch.tensor([len(p) for p in paths])
-        self.drafter.observe(pos, n, torch.tensor(nxt), hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1])), longest)
+        path_hidden = hidden.gather(1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        self.drafter.observe(pos, n, torch.tensor(nxt), path_hidden, longest)
         out = []
         for b, path in enumerate(paths):
             out.append([tree.tokens[b][node - 1] for node in path] + [nxt[b]])
