@@ -60,7 +60,8 @@ DRAFTERS = {
         ],
     ),
 }
-DEFAULT = ["ngram", "eagle_head", "eagle_chain", "eagle"]  # early_exit (5% acceptance) and the variants on request
+# early_exit (5% acceptance) and the variants on request
+DEFAULT = ["ngram", "eagle_head", "eagle_chain", "eagle"]
 
 
 class System:

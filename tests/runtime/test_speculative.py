@@ -10,10 +10,10 @@ from torch._dynamo.utils import counters
 import zycompile
 from zycompile.errors import RecipeError
 from zycompile.models import load_model
+from zycompile.runtime.draft_tree import DraftTree, tree_mask
 from zycompile.runtime.eagle import EagleHead, save_head
 from zycompile.runtime.engine import Engine
 from zycompile.runtime.sampling import SamplingParams
-from zycompile.runtime.draft_tree import DraftTree, tree_mask
 from zycompile.runtime.speculative import accept_greedy, accept_rejection
 
 FAST = ["lowering.backend=aot_eager", "runtime.prefill_buckets=[8, 32]", "runtime.max_seq_len=96"]
@@ -58,6 +58,20 @@ def tiny_head(tmp_path_factory):
 
 def _spec(extra):
     return zycompile.optimize("tiny:llama", "llama-tiny", overrides=FAST + extra)
+
+
+def _eagle_lookup(head, *extra):
+    """EAGLE with prompt lookup over 2-3 token matches (the repetitive prompts have them)."""
+    lookup = ["speculative.lookup_tokens=3", "speculative.ngram_min=2"]
+    return ["speculative.method=eagle", f"speculative.eagle_head={head}", *extra, *lookup]
+
+
+def _identical_alone_and_batched(opt, reference):
+    """Generate PROMPTS batched and one at a time; both must be the plain greedy reference."""
+    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
+    assert out.tokens == reference
+    assert [opt.generate([p], max_new_tokens=N_NEW, ignore_eos=True).tokens[0] for p in PROMPTS] == reference
+    return out
 
 
 # ---- acceptance rules ------------------------------------------------------------------------
@@ -134,10 +148,7 @@ def test_bonus_token_follows_the_last_position():
 @pytest.mark.parametrize("name", list(DRAFTERS))
 def test_greedy_output_identical_to_plain_decoding(name, reference):
     opt = _spec(DRAFTERS[name])
-    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
-    assert out.tokens == reference
-    assert [opt.generate([p], max_new_tokens=N_NEW, ignore_eos=True).tokens[0] for p in PROMPTS] == reference
-    s = out.speculative
+    s = _identical_alone_and_batched(opt, reference).speculative
     assert s["drafted"] > 0 and 0 <= s["acceptance_rate"] <= 1
     assert s["tokens_per_forward"] == pytest.approx(1 + s["mean_accepted"], abs=0.5)
     if name == "draft_model_same":  # the draft is the target: everything is accepted
@@ -184,18 +195,8 @@ def test_eagle_with_prompt_lookup_drafts_repeats_from_the_context_and_output_sta
 ):
     """The head drafts one token; where the context's last 2-3 tokens occurred before (the repetitive
     prompts), up to 3 lookup drafts replace it for that row. Batched rows mix the two."""
-    opt = _spec(
-        [
-            "speculative.method=eagle",
-            f"speculative.eagle_head={tiny_head}",
-            "speculative.num_tokens=1",
-            "speculative.lookup_tokens=3",
-            "speculative.ngram_min=2",
-        ]
-    )
-    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
-    assert out.tokens == reference
-    assert [opt.generate([p], max_new_tokens=N_NEW, ignore_eos=True).tokens[0] for p in PROMPTS] == reference
+    opt = _spec(_eagle_lookup(tiny_head, "speculative.num_tokens=1"))
+    out = _identical_alone_and_batched(opt, reference)
     drafter = opt.generator().speculator.drafter
     s = out.speculative
     assert drafter.lookup_rounds > 0 and s["drafted"] > s["rounds"]  # some rounds verified 2-3 drafts
@@ -248,7 +249,9 @@ def _oracle_tree(drafter, reference, prompts):
 
 def test_tree_verify_with_branching_accepts_move_the_cache_right(reference, tiny_head):
     prompts = [PROMPTS[0], PROMPTS[2]]  # distinct prompts: the oracle finds a row by its prompt
-    opt = _spec(["speculative.method=eagle", f"speculative.eagle_head={tiny_head}", "speculative.tree=[2, 2, 1]"])
+    opt = _spec(
+        ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}", "speculative.tree=[2, 2, 1]"]
+    )
     spec = opt.generator().speculator
     _oracle_tree(spec.drafter, [reference[0], reference[2]], prompts)
     out = opt.generate(prompts, max_new_tokens=N_NEW, ignore_eos=True)
@@ -258,19 +261,8 @@ def test_tree_verify_with_branching_accepts_move_the_cache_right(reference, tiny
 
 
 def test_eagle_tree_greedy_identical_alone_and_batched(reference, tiny_head):
-    opt = _spec(
-        [
-            "speculative.method=eagle",
-            f"speculative.eagle_head={tiny_head}",
-            "speculative.tree=[3, 2]",
-            "speculative.lookup_tokens=3",
-            "speculative.ngram_min=2",
-        ]
-    )
-    out = opt.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True)
-    assert out.tokens == reference
-    assert [opt.generate([p], max_new_tokens=N_NEW, ignore_eos=True).tokens[0] for p in PROMPTS] == reference
-    s = out.speculative
+    opt = _spec(_eagle_lookup(tiny_head, "speculative.tree=[3, 2]"))
+    s = _identical_alone_and_batched(opt, reference).speculative
     assert s["tree_rounds"] == s["forwards"] > 0 and s["drafted"] > 3 * s["rounds"]  # 5 nodes, or lookup
     # sampled rows verify a chain (tree rejection sampling is not implemented)
     before = opt.generator().speculator.stats.tree_rounds

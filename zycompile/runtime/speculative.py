@@ -28,7 +28,7 @@ import torch
 from zycompile.errors import GenerationError
 from zycompile.ops.attention import position_mask
 from zycompile.runtime.draft_length import DraftLength
-from zycompile.runtime.draft_tree import DraftTree, tree_mask
+from zycompile.runtime.draft_tree import tree_mask
 from zycompile.runtime.generate import bucket_for
 from zycompile.runtime.sampling import SamplingParams, probabilities, sample
 from zycompile.runtime.step_cache import compile_cached_step, compile_verb
