@@ -54,6 +54,7 @@ def test_each_method_loads(overrides):
         ({"speculative.tree": [2, 0]}, "speculative.tree", "each >= 1, at most 15 nodes"),
         ({"speculative.tree": [8, 8]}, "speculative.tree", "got [8, 8]"),
         ({"speculative.tree": "wide"}, "speculative.tree", "expected"),
+        ({"speculative.tree_max_batch": 0}, "speculative.tree_max_batch", ">= 1"),
         ({"speculative.draft": "x"}, "speculative.draft", "did you mean 'draft_model'"),
     ],
 )

@@ -146,6 +146,7 @@ GRAPH_NEUTRAL_KEYS = (
     "speculative.cost_aware",
     "speculative.lookup_tokens",
     "speculative.tree",
+    "speculative.tree_max_batch",
 )
 
 
@@ -174,6 +175,9 @@ class SpeculativeSection:
     # eagle: verify a draft tree, not a chain (greedy rows): [w_1, w_2, ...] = the head's w_1 most likely
     # first tokens, its w_2 most likely second tokens under the best first one, ... (empty: a chain)
     tree: tuple[int, ...] = ()
+    # eagle: trees only in batches of at most this many rows; larger batches verify chains (batch x
+    # width rows outgrow the small-GEMM kernel: at c=4 a tree [2] ran 54 tok/s against a chain's 67-75)
+    tree_max_batch: int = 1
     # verify the prefix of the drafts that maximises expected tokens per measured second (draft_length.py)
     cost_aware: bool = False
 
@@ -210,6 +214,8 @@ class SpeculativeSection:
                 f"got {list(self.tree)!r}; expected candidates per depth, each >= 1, at most "
                 f"{MAX_TREE_NODES} nodes in all (e.g. [2, 1])",
             )
+        if self.tree_max_batch < 1:
+            yield "tree_max_batch", f"got {self.tree_max_batch!r}; expected an integer >= 1"
         if self.exit_layer is not None and self.exit_layer < 1:
             yield "exit_layer", f"got {self.exit_layer!r}; expected an integer >= 1"
 

@@ -250,7 +250,12 @@ def _oracle_tree(drafter, reference, prompts):
 def test_tree_verify_with_branching_accepts_move_the_cache_right(reference, tiny_head):
     prompts = [PROMPTS[0], PROMPTS[2]]  # distinct prompts: the oracle finds a row by its prompt
     opt = _spec(
-        ["speculative.method=eagle", f"speculative.eagle_head={tiny_head}", "speculative.tree=[2, 2, 1]"]
+        [
+            "speculative.method=eagle",
+            f"speculative.eagle_head={tiny_head}",
+            "speculative.tree=[2, 2, 1]",
+            "speculative.tree_max_batch=2",
+        ]
     )
     spec = opt.generator().speculator
     _oracle_tree(spec.drafter, [reference[0], reference[2]], prompts)
@@ -261,7 +266,7 @@ def test_tree_verify_with_branching_accepts_move_the_cache_right(reference, tiny
 
 
 def test_eagle_tree_greedy_identical_alone_and_batched(reference, tiny_head):
-    opt = _spec(_eagle_lookup(tiny_head, "speculative.tree=[3, 2]"))
+    opt = _spec(_eagle_lookup(tiny_head, "speculative.tree=[3, 2]", "speculative.tree_max_batch=4"))
     s = _identical_alone_and_batched(opt, reference).speculative
     assert s["tree_rounds"] == s["forwards"] > 0 and s["drafted"] > 3 * s["rounds"]  # 5 nodes, or lookup
     # sampled rows verify a chain (tree rejection sampling is not implemented)
@@ -371,7 +376,12 @@ def test_engine_requests_get_their_plain_greedy_tokens(name, reference, tiny_hea
     if name == "eagle_lookup":
         extra += ["speculative.num_tokens=1", "speculative.lookup_tokens=3", "speculative.ngram_min=2"]
     if name == "eagle_tree":
-        extra += ["speculative.tree=[2, 1]", "speculative.lookup_tokens=3", "speculative.ngram_min=2"]
+        extra += [
+            "speculative.tree=[2, 1]",
+            "speculative.tree_max_batch=4",  # the engine's batches of 2-4 verify trees too
+            "speculative.lookup_tokens=3",
+            "speculative.ngram_min=2",
+        ]
     gen = _spec(extra).generator()
     eng = Engine(gen, max_concurrency=3)
     params = SamplingParams(max_new_tokens=N_NEW, ignore_eos=True)
@@ -382,6 +392,8 @@ def test_engine_requests_get_their_plain_greedy_tokens(name, reference, tiny_hea
     eng.run()
     assert [r.output for r in reqs] == reference
     assert gen.speculator.stats.rounds > 0
+    if name == "eagle_tree":
+        assert gen.speculator.stats.tree_rounds > 0
 
 
 # ---- errors ----------------------------------------------------------------------------------

@@ -318,10 +318,13 @@ class Speculator:
     # ---- a draft tree's round (greedy rows only) ---------------------------------------------------
 
     def _tree_fits(self, pos, params, active) -> bool:
-        """Whether this round verifies a draft tree: the drafter builds trees, every row is greedy
-        (tree rejection sampling is not implemented: sampled rows verify a chain), the cache keeps
-        position p in slot p, and every active row's block fits before the cache's end."""
-        if not self.tree_widths or not all(p.greedy for p in params):
+        """Whether this round verifies a draft tree: the drafter builds trees, the batch has at most
+        ``tree_max_batch`` rows, every row is greedy (tree rejection sampling is not implemented:
+        sampled rows verify a chain), the cache keeps position p in slot p, and every active row's
+        block fits before the cache's end."""
+        if not self.tree_widths or len(params) > self.spec.tree_max_batch:
+            return False
+        if not all(p.greedy for p in params):
             return False
         top = self.gen.max_seq_len - 1
         return all(int(p) + self.tree_widths[-1] - 1 <= top for p, a in zip(pos.tolist(), active) if a)
