@@ -287,10 +287,7 @@ class EagleDrafter(Drafter):
                 prefix[b] = prefix[b] + [cands[0]]
             best = top[:, 0]
         if self.lookup is not None:
-            found = [
-                self.lookup.lookup(c, self.lookup_tokens) if len(c) == int(p) + 1 else []
-                for c, p in zip(ctx, pos.tolist())
-            ]
+            found = self._lookups(ctx, pos)
             if any(found):
                 self.lookup_rounds += 1
                 for b, f in enumerate(found):
@@ -299,15 +296,19 @@ class EagleDrafter(Drafter):
         self.confidence = None
         return DraftTree.from_paths(paths)
 
+    def _lookups(self, ctx, pos) -> list[list[int]]:
+        """Per row, the prompt-lookup run that follows the context's repeated tail (idle slots: none)."""
+        return [
+            self.lookup.lookup(c, self.lookup_tokens) if len(c) == int(p) + 1 else []
+            for c, p in zip(ctx, pos.tolist())
+        ]
+
     def _with_lookup(self, ctx, pos, draft):
         """Rows whose context repeats (the lookup's match) draft what followed it, the others keep the
         head's drafts. Only called when every row is greedy: a lookup draft has no distribution for
         rejection sampling. The head's first call still ran: it took in the last round's entries,
         which it needs either way."""
-        found = [
-            self.lookup.lookup(c, self.lookup_tokens) if len(c) == int(p) + 1 else []
-            for c, p in zip(ctx, pos.tolist())
-        ]
+        found = self._lookups(ctx, pos)
         if not any(found):
             return draft, None
         self.lookup_rounds += 1
