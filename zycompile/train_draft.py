@@ -12,10 +12,18 @@ to f_{p+1} plus ``--ce-weight`` x cross-entropy to the target's next-token distr
 draft vocabulary (recomputed from f_{p+1}; EAGLE's loss), with uniform noise on the input features
 so it tolerates its own predicted features when drafting. The draft vocabulary is the
 ``--draft-vocab`` tokens the target predicts most often on the training text.
+
+``--unroll N`` adds EAGLE-3's training-time test: the head runs N times over each row, the s-th time
+fed its own (s-1)-th outputs as features, exactly as drafting feeds them for the s-th draft (the same
+positions, tokens and attention: each entry sees the target's real entries before it and its own
+chain's earlier entries; ``unrolled``). Without it the head only ever learns from the target's
+features and its second draft is right far less often than its first. ``--init HEAD`` starts from a
+trained head (its draft vocabulary too), so the unrolled training can refine one.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import sys
@@ -52,9 +60,11 @@ def add_parser(sub, add_recipe_args) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dtype",
-        choices=["bfloat16", "float32"],
-        default="bfloat16",
-        help="compute dtype of the frozen target and autocast (bf16 GEMMs run ~2.4x fp32 here)",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="compute dtype of the frozen target and autocast (default auto: bfloat16 where the CPU "
+        "has bf16 instructions, where its GEMMs ran ~2.4x fp32; float32 elsewhere, where they ran 2.5-3x "
+        "slower than fp32)",
     )
     p.add_argument(
         "--features",
@@ -62,7 +72,26 @@ def add_parser(sub, add_recipe_args) -> None:
         help="file to save the target features to, or load them from when it matches this run's rows",
     )
     p.add_argument("--max-minutes", type=float, default=None, help="stop training after this long (saves)")
+    p.add_argument(
+        "--unroll",
+        type=int,
+        default=1,
+        help="drafts per row the head trains on, each fed its own previous output (EAGLE-3's "
+        "training-time test; default 1: only the target's features)",
+    )
+    p.add_argument(
+        "--init", default=None, help="start from this trained head (.safetensors) and its vocabulary"
+    )
     p.set_defaults(func=cmd_train_draft)
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 GEMM instructions (AVX512-BF16 or AMX); without them torch's bf16
+    GEMMs are emulated and slower than fp32."""
+    cpu = torch.cpu
+    return any(
+        getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def token_rows(tokenizer, seq_len: int, count: int, seed: int) -> torch.Tensor:
@@ -116,15 +145,59 @@ def cached_features(path, decoder, rows: torch.Tensor, batch: int, source: str, 
     """``target_features``, saved to / reused from ``path`` when its rows and model match."""
     if path and Path(path).is_file():
         saved = torch.load(path, weights_only=True)
-        if saved.get("source") == source and torch.equal(saved["rows"], rows):
+        same_dtype = saved["features"].dtype == next(decoder.parameters()).dtype
+        if saved.get("source") == source and same_dtype and torch.equal(saved["rows"], rows):
             log(f"reusing target features from {path}")
             return saved["features"]
-        log(f"{path} holds other rows or another model: recomputing")
+        log(f"{path} holds other rows, another model or another dtype: recomputing")
     feats = target_features(decoder, rows, batch, log)
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"source": source, "rows": rows, "features": feats}, path)
     return feats
+
+
+class _ChainKV:
+    """The head layer's K/V over an unrolled forward: each draft depth's keys after the last's."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        self.k = k if self.k is None else torch.cat([self.k, k], 2)
+        self.v = v if self.v is None else torch.cat([self.v, v], 2)
+        return self.k, self.v
+
+
+def unrolled(head, decoder, ids: torch.Tensor, f: torch.Tensor, depth: int, noise: bool, amp):
+    """The head's outputs for drafts 1..``depth`` over rows ``ids`` [B, T] with target features ``f``.
+
+    Depth s has one entry per position i < T - s: it sits at position i + s - 1, embeds x_{i+s}, is fed
+    depth s-1's output at i (depth 1: the target's f_i) and predicts f_{i+s}, so it drafts x_{i+s+1}.
+    As in drafting, it attends to the target's entries at positions <= i (depth 1's keys) and to its own
+    chain's depth 2..s entries, which all sit at index i. Returns [(g_s, f[:, s:])] per depth.
+    """
+    bsz, t = ids.shape
+    store, sizes, out = _ChainKV(), [], []
+    feat = f[:, :-1].float()
+    if noise:
+        feat = feat + torch.rand_like(feat) * 0.2 - 0.1
+    cache_kw = "cache" if "cache" in inspect.signature(head.layer.forward).parameters else "past_key_values"
+    for s in range(1, min(depth, t - 1) + 1):
+        n = t - s
+        sizes.append(n)
+        pos = (torch.arange(n) + s - 1)[None].expand(bsz, n)
+        mask = torch.cat(
+            [torch.ones(n, sizes[0], dtype=torch.bool).tril()]
+            + [torch.eye(n, m, dtype=torch.bool) for m in sizes[1:]],
+            1,
+        )[None, None]
+        emb = decoder.embed_tokens(ids[:, s:])
+        with amp:
+            g = head(feat[:, :n], emb, mask, pos, decoder.rotary_emb(emb, pos), store, cache_kw)
+        out.append((g, f[:, s:]))
+        feat = g.float()
+    return out
 
 
 def draft_vocabulary(lm_head, rows: torch.Tensor, feats: torch.Tensor, size: int, sample: int = 65536):
@@ -144,7 +217,7 @@ def cmd_train_draft(args) -> int:
     import zycompile
     from zycompile.errors import ZyError
     from zycompile.models import load_model
-    from zycompile.runtime.eagle import EagleHead, save_head
+    from zycompile.runtime.eagle import EagleHead, load_head, save_head
 
     log = lambda msg: print(f"[train-draft] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     n_train = args.rows or args.steps * args.batch
@@ -152,11 +225,17 @@ def cmd_train_draft(args) -> int:
         raise ZyError("--steps, --batch, --rows, --seq-len, --draft-vocab and --val-rows must be positive")
     if args.seq_len < 3:
         raise ZyError(f"--seq-len {args.seq_len}: expected at least 3 tokens per row")
+    if not 1 <= args.unroll <= args.seq_len - 2:
+        raise ZyError(f"--unroll {args.unroll}: expected 1 to --seq-len - 2 = {args.seq_len - 2}")
+    if args.init and not Path(args.init).is_file():
+        raise ZyError(f"--init {args.init}: no such file (a head written by `zycompile train-draft`)")
     recipe = zycompile.load_recipe(args.recipe, args.overrides)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
-    loaded = load_model(recipe.model.source, args.dtype)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if cpu_has_bf16() else "float32"
+    log(f"compute dtype {dtype}")
+    loaded = load_model(recipe.model.source, dtype)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     model, tok = loaded.model.eval().requires_grad_(False), loaded.tokenizer
     if tok is None or getattr(tok, "chat_template", None) is None:
         raise ZyError(f"{recipe.model.source}: train-draft needs a tokenizer with a chat template")
@@ -167,14 +246,20 @@ def cmd_train_draft(args) -> int:
         f"{n_train} rows x {args.seq_len} tokens, {args.steps} steps x {args.batch} rows: {epochs:.2f} epochs"
     )
     feats = cached_features(args.features, decoder, rows, args.batch, recipe.model.source, log)
-    vocab_ids = draft_vocabulary(lm_head, rows[args.val_rows :], feats[args.val_rows :], args.draft_vocab)
+    if args.init:
+        head, init_meta = load_head(args.init, model, torch.float32)
+        head.train().requires_grad_(True)
+        vocab_ids = head.vocab_ids
+    else:
+        init_meta = None
+        vocab_ids = draft_vocabulary(lm_head, rows[args.val_rows :], feats[args.val_rows :], args.draft_vocab)
+        head = EagleHead(model.config, type(decoder.layers[0]), vocab_ids)
     train, val = (
         (rows[args.val_rows :], feats[args.val_rows :]),
         (rows[: args.val_rows], feats[: args.val_rows]),
     )
     t_feat = time.perf_counter() - t_start
 
-    head = EagleHead(model.config, type(decoder.layers[0]), vocab_ids)
     w_draft = lm_head.weight[vocab_ids].detach()
     in_vocab = torch.zeros(model.config.vocab_size, dtype=torch.bool)
     in_vocab[vocab_ids] = True
@@ -184,41 +269,42 @@ def cmd_train_draft(args) -> int:
     )
 
     def losses(ids: torch.Tensor, f: torch.Tensor, noise: bool):
-        t = ids.shape[1] - 1
-        pos = torch.arange(t)[None].expand(ids.shape[0], t)
-        mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
-        emb = decoder.embed_tokens(ids[:, 1:])
-        pe = decoder.rotary_emb(emb, pos)
-        with torch.no_grad(), amp:
-            target = torch.softmax((f[:, 1:] @ w_draft.T).float(), -1)  # g_p drafts x_{p+2}: from f_{p+1}
-        f = f.float()
-        feat = f[:, :-1] + (torch.rand_like(f[:, :-1]) * 0.2 - 0.1 if noise else 0)
-        with amp:
-            g = head(feat, emb, mask, pos, pe)
-            logits = g @ w_draft.T
-        reg = torch.nn.functional.smooth_l1_loss(g.float(), f[:, 1:])
-        logp = torch.log_softmax(logits.float(), -1)
-        ce = -(target * logp).sum(-1).mean()
+        """Smooth-L1 + cross-entropy to the target's next-token distribution, averaged over the
+        unrolled depths, and the last depth's top-1 agreement."""
+        reg = ce = 0.0
+        steps = unrolled(head, decoder, ids, f, args.unroll, noise, amp)
+        with torch.no_grad(), amp:  # depth s's targets are f[:, s:]: one GEMM, sliced per depth
+            targets = torch.softmax((f[:, 1:] @ w_draft.T).float(), -1)
+        for s, (g, want) in enumerate(steps):
+            target = targets[:, s:]
+            with amp:
+                logp = torch.log_softmax((g @ w_draft.T).float(), -1)
+            reg = reg + torch.nn.functional.smooth_l1_loss(g.float(), want.float()) / len(steps)
+            ce = ce - (target * logp).sum(-1).mean() / len(steps)
         top1 = (logp.argmax(-1) == target.argmax(-1)).float().mean()
         return reg, ce, top1
 
-    def validate() -> tuple[float, float]:
-        """Draft top-1 = target's top-1 (over the full vocabulary, so a token outside the draft
-        vocabulary counts as a miss) on held-out rows, and how often the target's top-1 is drafable."""
+    def validate() -> tuple[list[float], float]:
+        """Per draft depth, draft top-1 = the target's top-1 (over the full vocabulary, so a token
+        outside the draft vocabulary counts as a miss) on held-out rows, the head fed its own features
+        past depth 1; and how often the target's top-1 is drafable."""
         ids, f = val
+        accs = []
         with torch.no_grad():
-            t = ids.shape[1] - 1
-            pos = torch.arange(t)[None].expand(ids.shape[0], t)
-            mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
-            emb = decoder.embed_tokens(ids[:, 1:])
-            with amp:
-                g = head(f[:, :-1].float(), emb, mask, pos, decoder.rotary_emb(emb, pos))
-                draft = vocab_ids[(g @ w_draft.T).argmax(-1)]
-                target = lm_head(f[:, 1:]).argmax(-1)
-        return (draft == target).float().mean().item(), in_vocab[target].float().mean().item()
+            for g, want in unrolled(head, decoder, ids, f, max(args.unroll, 2), False, amp):
+                with amp:
+                    draft = vocab_ids[(g @ w_draft.T).argmax(-1)]
+                    target = lm_head(want).argmax(-1)
+                accs.append((draft == target).float().mean().item())
+        return accs, in_vocab[lm_head(f[:, 1:]).argmax(-1)].float().mean().item()
 
-    top1, drafable = validate()
-    log(f"before training: held-out draft top-1 {top1:.1%} (target top-1 in the draft vocab {drafable:.1%})")
+    def depths(accs: list[float]) -> str:
+        return ", ".join(f"depth {d} {a:.1%}" for d, a in enumerate(accs, 1))
+
+    accs, drafable = validate()
+    log(
+        f"before training: held-out draft top-1 {depths(accs)} (target top-1 in the draft vocab {drafable:.1%})"
+    )
     t0 = time.perf_counter()
     done, gen = 0, torch.Generator().manual_seed(args.seed)
     order = torch.empty(0, dtype=torch.long)
@@ -242,8 +328,11 @@ def cmd_train_draft(args) -> int:
         if args.max_minutes and time.perf_counter() - t0 > args.max_minutes * 60:
             log(f"--max-minutes {args.max_minutes} reached after {done} steps")
             break
-    acc, drafable = validate()
-    log(f"after training: held-out draft top-1 {acc:.1%} (target top-1 in the draft vocab {drafable:.1%})")
+    accs, drafable = validate()
+    log(
+        f"after training: held-out draft top-1 {depths(accs)} (target top-1 in the draft vocab {drafable:.1%})"
+    )
+    acc = accs[0]
     meta = {
         "target": recipe.model.source,
         "hidden_size": model.config.hidden_size,
@@ -253,6 +342,13 @@ def cmd_train_draft(args) -> int:
         "tokens": n_train * args.seq_len,
         "command": "zycompile " + " ".join(getattr(args, "argv", sys.argv[1:])),
         "val_top1": round(acc, 4),
+        "val_top1_depths": [round(x, 4) for x in accs],
+        "unroll": args.unroll,
+        **(
+            {"init_command": init_meta.get("command"), "init_steps": init_meta.get("steps")}
+            if init_meta
+            else {}
+        ),
         "feature_seconds": round(t_feat),
         "train_seconds": round(time.perf_counter() - t0),
     }
