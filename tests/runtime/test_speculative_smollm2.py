@@ -21,12 +21,18 @@ N_NEW = 24
 
 @pytest.fixture(scope="module")
 def prompts_and_reference():
-    torch._dynamo.reset()
+    """Plain greedy tokens from HF's own generate, which test_smollm2.py shows equal to zycompile's
+    plain decoding on these prompts (32 tokens): no compile of the plain model here."""
     opt = zycompile.optimize(None, "smollm2-135m", overrides=FAST)
-    gen = opt.generator()
+    gen = opt.generator()  # for the chat template only: nothing is compiled until it generates
     prompts = [gen.encode(r.prompt)[0] for r in sample_sharegpt(opt.tokenizer, 3, seed=0, max_prompt_len=200)]
-    ref = [opt.generate([p], max_new_tokens=N_NEW, ignore_eos=True).tokens[0] for p in prompts]
-    return prompts, ref
+    hf = load_model("smollm2-135m-instruct").model
+    with torch.no_grad():
+        outs = [
+            hf.generate(torch.tensor([p]), max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False)
+            for p in prompts
+        ]
+    return prompts, [o[0, len(p) :].tolist() for o, p in zip(outs, prompts)]
 
 
 @pytest.mark.parametrize(
@@ -62,3 +68,11 @@ def test_train_draft_writes_a_loadable_head(tmp_path, capsys):
     assert "train-draft" in meta["command"] and 0 <= meta["val_top1"] <= 1
     assert main(argv + ["--dtype", "float32"]) == 0
     assert "reusing target features" in capsys.readouterr().err
+    # refine it with the training-time test: same vocabulary, the provenance of both runs kept
+    refined = tmp_path / "refined.safetensors"
+    argv2 = [*argv, "--out", str(refined), "--init", str(out), "--unroll", "2", "--dtype", "float32"]
+    assert main(argv2) == 0
+    assert "depth 2" in capsys.readouterr().err
+    head2, meta2 = load_head(refined, model, torch.float32)
+    assert torch.equal(head2.vocab_ids, head.vocab_ids) and meta2["unroll"] == 2
+    assert meta2["init_command"] == meta["command"] and len(meta2["val_top1_depths"]) == 2
