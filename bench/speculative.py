@@ -50,6 +50,7 @@ DRAFTERS = {
     "eagle_tree3": ("smollm2-135m-eagle", ["speculative.tree=[3]"]),
     "eagle_tree31": ("smollm2-135m-eagle", ["speculative.tree=[3, 1]"]),
     "eagle_tree32": ("smollm2-135m-eagle", ["speculative.tree=[3, 2]"]),
+    "eagle_tree211": ("smollm2-135m-eagle", ["speculative.tree=[2, 1, 1]"]),
     "eagle_k3_cost": (
         "smollm2-135m-eagle",
         [
@@ -114,6 +115,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--hf-prompts", type=int, default=10, help="prompts for the HF comparison (0: skip)")
     ap.add_argument("--no-write", action="store_true", help="do not append to bench/RESULTS.md")
+    ap.add_argument(
+        "--eagle-head",
+        default=None,
+        help="also measure each chosen eagle drafter with this head file (`zycompile train-draft`), "
+        "beside the recipe's, as <drafter>@<file stem>",
+    )
     args = ap.parse_args()
     log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
@@ -132,8 +139,16 @@ def main() -> None:
     # k = 1 at 0.99x plain at 11:19, 1.2-1.3x interleaved minutes later).
     log("zycompile, no speculation")
     systems = {"plain": System("smollm2-135m", [], prompts, args.new_tokens, log)}
-    for name in args.drafters:
-        recipe, overrides = DRAFTERS[name]
+    runs = {name: DRAFTERS[name] for name in args.drafters}
+    if args.eagle_head:
+        head = Path(args.eagle_head).resolve()
+        if not head.is_file():
+            sys.exit(f"--eagle-head {args.eagle_head}: no such file")
+        for name in args.drafters:
+            recipe, overrides = DRAFTERS[name]
+            if recipe.endswith("eagle"):
+                runs[f"{name}@{head.stem}"] = (recipe, [*overrides, f"speculative.eagle_head={head}"])
+    for name, (recipe, overrides) in runs.items():
         log(f"zycompile + {name}")
         systems[name] = System(recipe, overrides, prompts, args.new_tokens, log)
     for i, ids in enumerate(prompts):
@@ -186,9 +201,8 @@ def main() -> None:
         )
         pair = "" if paired is None else f"{paired:.2f}x"
         lines.append(f"| {name} | {n} | {rate:.1f} | {rate / base_rate:.2f}x | {pair} | {acc} | {same} |")
-    for name, (recipe, overrides) in DRAFTERS.items():
-        if name in args.drafters:
-            lines.append(f"- {name}: recipe `{recipe}` {' '.join(f'--set {o}' for o in overrides)}".rstrip())
+    for name, (recipe, overrides) in runs.items():
+        lines.append(f"- {name}: recipe `{recipe}` {' '.join(f'--set {o}' for o in overrides)}".rstrip())
     publish(lines, None if args.no_write else RESULTS)
     if failures:
         sys.exit("greedy identity FAILED: " + "; ".join(failures))
