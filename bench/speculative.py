@@ -144,8 +144,7 @@ def main() -> None:
         head = Path(args.eagle_head).resolve()
         if not head.is_file():
             sys.exit(f"--eagle-head {args.eagle_head}: no such file")
-        for name in args.drafters:
-            recipe, overrides = DRAFTERS[name]
+        for name, (recipe, overrides) in list(runs.items()):
             if recipe.endswith("eagle"):
                 runs[f"{name}@{head.stem}"] = (recipe, [*overrides, f"speculative.eagle_head={head}"])
     for name, (recipe, overrides) in runs.items():

@@ -4,7 +4,6 @@ computes: depth s at index i equals the head's s-th draft call after a catch-up 
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import pytest
 import torch
@@ -31,17 +30,16 @@ def _drafting(decoder, head, ids, feats, end: int, depth: int) -> list[torch.Ten
     call's output and the true next token, at the next position; every call attends causally over
     the head cache's positions, as ``EagleDrafter._draft`` does."""
     kv, outs = _ChainKV(), []
-    cache_kw = "cache" if "cache" in inspect.signature(head.layer.forward).parameters else "past_key_values"
     pos = torch.arange(end)[None].expand(len(ids), end)
     emb = decoder.embed_tokens(ids[:, 1 : end + 1])
     mask = torch.ones(end, end, dtype=torch.bool).tril()[None, None]
-    g = head(feats[:, :end], emb, mask, pos, decoder.rotary_emb(emb, pos), kv, cache_kw)[:, -1:]
+    g = head(feats[:, :end], emb, mask, pos, decoder.rotary_emb(emb, pos), kv)[:, -1:]
     outs.append(g[:, 0])
     for s in range(2, depth + 1):
         p = torch.full((len(ids), 1), end + s - 2)
         emb = decoder.embed_tokens(ids[:, end + s - 1 : end + s])
         mask = torch.ones(1, end + s - 1, dtype=torch.bool)[None, None]
-        g = head(g, emb, mask, p, decoder.rotary_emb(emb, p), kv, cache_kw)
+        g = head(g, emb, mask, p, decoder.rotary_emb(emb, p), kv)
         outs.append(g[:, 0])
     return outs
 

@@ -23,7 +23,6 @@ trained head (its draft vocabulary too), so the unrolled training can refine one
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import sys
@@ -182,7 +181,6 @@ def unrolled(head, decoder, ids: torch.Tensor, f: torch.Tensor, depth: int, nois
     feat = f[:, :-1].float()
     if noise:
         feat = feat + torch.rand_like(feat) * 0.2 - 0.1
-    cache_kw = "cache" if "cache" in inspect.signature(head.layer.forward).parameters else "past_key_values"
     for s in range(1, min(depth, t - 1) + 1):
         n = t - s
         sizes.append(n)
@@ -194,7 +192,7 @@ def unrolled(head, decoder, ids: torch.Tensor, f: torch.Tensor, depth: int, nois
         )[None, None]
         emb = decoder.embed_tokens(ids[:, s:])
         with amp:
-            g = head(feat[:, :n], emb, mask, pos, decoder.rotary_emb(emb, pos), store, cache_kw)
+            g = head(feat[:, :n], emb, mask, pos, decoder.rotary_emb(emb, pos), store)
         out.append((g, f[:, s:]))
         feat = g.float()
     return out
@@ -291,12 +289,13 @@ def cmd_train_draft(args) -> int:
         ids, f = val
         accs = []
         with torch.no_grad():
-            for g, want in unrolled(head, decoder, ids, f, max(args.unroll, 2), False, amp):
+            with amp:  # depth s's targets are the target's top-1 from f[:, s:]: one LM head, sliced
+                target = lm_head(f[:, 1:]).argmax(-1)
+            for s, (g, _) in enumerate(unrolled(head, decoder, ids, f, max(args.unroll, 2), False, amp)):
                 with amp:
                     draft = vocab_ids[(g @ w_draft.T).argmax(-1)]
-                    target = lm_head(want).argmax(-1)
-                accs.append((draft == target).float().mean().item())
-        return accs, in_vocab[lm_head(f[:, 1:]).argmax(-1)].float().mean().item()
+                accs.append((draft == target[:, s:]).float().mean().item())
+        return accs, in_vocab[target].float().mean().item()
 
     def depths(accs: list[float]) -> str:
         return ", ".join(f"depth {d} {a:.1%}" for d, a in enumerate(accs, 1))

@@ -60,10 +60,12 @@ def _spec(extra):
     return zycompile.optimize("tiny:llama", "llama-tiny", overrides=FAST + extra)
 
 
+LOOKUP = ["speculative.lookup_tokens=3", "speculative.ngram_min=2"]  # 2-3 token matches: PROMPTS have them
+
+
 def _eagle_lookup(head, *extra):
     """EAGLE with prompt lookup over 2-3 token matches (the repetitive prompts have them)."""
-    lookup = ["speculative.lookup_tokens=3", "speculative.ngram_min=2"]
-    return ["speculative.method=eagle", f"speculative.eagle_head={head}", *extra, *lookup]
+    return ["speculative.method=eagle", f"speculative.eagle_head={head}", *extra, *LOOKUP]
 
 
 def _identical_alone_and_batched(opt, reference):
@@ -374,13 +376,12 @@ def test_engine_requests_get_their_plain_greedy_tokens(name, reference, tiny_hea
         else DRAFTERS[name]
     )
     if name == "eagle_lookup":
-        extra += ["speculative.num_tokens=1", "speculative.lookup_tokens=3", "speculative.ngram_min=2"]
+        extra += ["speculative.num_tokens=1", *LOOKUP]
     if name == "eagle_tree":
         extra += [
             "speculative.tree=[2, 1]",
             "speculative.tree_max_batch=4",  # the engine's batches of 2-4 verify trees too
-            "speculative.lookup_tokens=3",
-            "speculative.ngram_min=2",
+            *LOOKUP,
         ]
     gen = _spec(extra).generator()
     eng = Engine(gen, max_concurrency=3)

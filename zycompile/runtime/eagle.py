@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,12 @@ class EagleHead(nn.Module):
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
         self.layer = layer_cls(cfg, 0)
         self.register_buffer("vocab_ids", vocab_ids.long().clone())
+        # transformers renamed the layer's cache argument (past_key_values -> cache)
+        self.cache_kw = (
+            "cache" if "cache" in inspect.signature(self.layer.forward).parameters else "past_key_values"
+        )
 
-    def forward(self, feat, emb, mask, pos, position_embeddings, cache=None, cache_kw="cache"):
+    def forward(self, feat, emb, mask, pos, position_embeddings, cache=None):
         x = self.fc(torch.cat([feat, emb.to(feat.dtype)], -1))
         out = self.layer(
             x,
@@ -53,7 +58,7 @@ class EagleHead(nn.Module):
             position_ids=pos,
             use_cache=cache is not None,
             position_embeddings=position_embeddings,
-            **{cache_kw: cache},
+            **{self.cache_kw: cache},
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -176,7 +181,7 @@ class EagleDrafter(Drafter):
         mask = position_mask(keys, pos)  # [B, 1, T, S]: causal per row
         emb = gen.decoder.embed_tokens(ids)
         pe = gen.decoder.rotary_emb(emb, pos)
-        g = self.head(feat, emb, mask, pos, pe, cache, gen.cache_kw)
+        g = self.head(feat, emb, mask, pos, pe, cache)
         g = g[torch.arange(ids.shape[0], device=ids.device), last]
         return torch.nn.functional.linear(g, self.w_draft).float(), g
 
