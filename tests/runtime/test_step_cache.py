@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -41,7 +42,7 @@ CHILD = textwrap.dedent(
     print("RESULT " + json.dumps(
         {"tokens": out.tokens, "loaded": st.loaded, "saved": st.saved, "traced": len(opt.compile_report().graphs),
          "plans_used": sum(1 for p in PLANS.values() if p.table and p.states), "said": said,
-         "verify": fwd and {"loaded": fwd.loaded, "saved": fwd.saved, "ran": spec.stats.drafted > 0},
+         "verify": fwd and {"loaded": fwd.loaded, "saved": fwd.saved, "ran": spec.stats.drafted > 0, "dir": str(fwd.dir)},
          "draft": drf and {"loaded": drf.loaded, "saved": drf.saved}}
     ))
     """
@@ -79,6 +80,7 @@ def child(data, cache) -> dict:
 
 
 @pytest.mark.inductor
+@pytest.mark.full  # the EAGLE test below runs the same checks on a recipe with more graphs
 def test_new_process_loads_saved_steps_and_generates_the_same_tokens(tmp_path):
     data = recipe(tmp_path)
     cache = tmp_path / "steps"
@@ -188,14 +190,19 @@ def test_verify_and_eagle_head_graphs_are_saved_and_keyed_by_the_head_file(tmp_p
     data, cache, want, cold = speculative_cold_run(tmp_path, spec)
     assert cold["draft"]["saved"] >= 2 and cold["draft"]["loaded"] == 0  # prefill entries + drafting
     assert cold["verify"]["saved"] >= 1 and cold["verify"]["loaded"] == 0
+    assert cold["said"] and all(m.startswith("compiling ") for m in cold["said"])
     assert any(m.startswith("compiling verify graph") for m in cold["said"])
     warm = child(data, cache)
     assert warm["tokens"] == want and warm["traced"] == 0  # no graph traced, the head's included
     assert warm["draft"] == {"loaded": cold["draft"]["saved"], "saved": 0}
-    assert warm["verify"]["loaded"] == cold["verify"]["saved"] and warm["verify"]["saved"] == 0
+    assert warm["verify"]["loaded"] == cold["verify"]["saved"] >= 2 and warm["verify"]["saved"] == 0
     assert any(m.startswith("loading saved verify graph") for m in warm["said"])
+    assert [m.replace("loading saved ", "compiling ") for m in warm["said"]] == cold["said"]
+    assert warm["plans_used"] == cold["plans_used"] > 0  # tuned_gemm's plans came back and ran
 
-    # another head with the same shapes is another key: its graphs are built, not the old ones loaded
+    # another head with the same shapes is another key: its graphs are built, not the old ones loaded;
+    # and a corrupt saved graph of the target is rebuilt, the others still loaded
+    sorted(Path(cold["verify"]["dir"]).glob("*.bin"))[0].write_bytes(b"not a saved step")
     torch.manual_seed(1)
     save_head(
         EagleHead(model.config, type(model.model.layers[0]), torch.arange(0, 512, 2)),
@@ -203,4 +210,7 @@ def test_verify_and_eagle_head_graphs_are_saved_and_keyed_by_the_head_file(tmp_p
         {"target": "tiny:llama", "hidden_size": 64, "vocab_size": 512},
     )
     other = child(data, cache)
+    assert other["tokens"] == want
     assert other["draft"] == {"loaded": 0, "saved": cold["draft"]["saved"]}
+    assert "ignoring unreadable saved step" in other["stderr"]
+    assert other["verify"]["saved"] == 1 and other["verify"]["loaded"] == cold["verify"]["saved"] - 1
