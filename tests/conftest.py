@@ -11,6 +11,17 @@ import pytest
 
 os.environ["ZYCOMPILE_STEP_CACHE"] = tempfile.mkdtemp(prefix="zy-test-steps-")
 
+# Under xdist each worker takes its share of the cores: two workers of 2 threads on CI's 2 cores
+# preempt each other's parallel regions (the 10 heaviest tests/runtime/test_speculative.py tests ran
+# 168-176 s with one thread per worker against 173-186 s with two, in pairs).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)  # the child processes tests start
+    import torch
+
+    torch.set_num_threads(_THREADS)
+
 _CASES = pytest.StashKey[dict]()
 
 

@@ -16,7 +16,9 @@ from zycompile.runtime.engine import Engine
 from zycompile.runtime.sampling import SamplingParams
 from zycompile.runtime.speculative import accept_greedy, accept_rejection
 
-FAST = ["lowering.backend=aot_eager", "runtime.prefill_buckets=[8, 32]", "runtime.max_seq_len=96"]
+# eager lowering (Dynamo graphs and the pre-grad passes, no AOT tracing): these test the runtime, and
+# ran ~35% faster than aot_eager (the lowering paths have their own tests)
+FAST = ["lowering.backend=eager", "runtime.prefill_buckets=[8, 32]", "runtime.max_seq_len=96"]
 # Repetitive prompts give the ngram drafter matches; the others exercise the no-match path.
 PROMPTS = [[5, 17, 33, 2, 9, 5, 17, 33, 2], [7, 8], list(range(40, 75)), [100, 101, 102, 100, 101]]
 N_NEW = 16

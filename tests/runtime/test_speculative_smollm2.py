@@ -15,7 +15,8 @@ from zycompile.models import load_model
 from zycompile.runtime.eagle import load_head
 
 pytestmark = pytest.mark.slow
-FAST = ["lowering.backend=aot_eager", "runtime.max_seq_len=384", "runtime.prefill_buckets=[256]"]
+# eager lowering, as tests/runtime/test_speculative.py (test_smollm2.py keeps aot_eager for the real model)
+FAST = ["lowering.backend=eager", "runtime.max_seq_len=384", "runtime.prefill_buckets=[256]"]
 N_NEW = 24
 
 
