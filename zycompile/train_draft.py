@@ -81,6 +81,27 @@ def add_parser(sub, add_recipe_args) -> None:
     p.add_argument(
         "--init", default=None, help="start from this trained head (.safetensors) and its vocabulary"
     )
+    p.add_argument(
+        "--replies",
+        default=None,
+        metavar="FILE",
+        help="train on the target's own replies in this JSONL file (zycompile/draft_data.py) instead of "
+        "ShareGPT text: what the head drafts for",
+    )
+    p.add_argument(
+        "--generate-replies",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first write --replies FILE: the target's greedy replies to N training prompts (when FILE "
+        "is missing; an existing one is reused)",
+    )
+    p.add_argument(
+        "--reply-len", type=int, default=256, help="tokens per generated reply at most (default 256)"
+    )
+    p.add_argument(
+        "--reply-batch", type=int, default=32, help="replies generated at once (a decode batch; default 32)"
+    )
     p.set_defaults(func=cmd_train_draft)
 
 
@@ -93,17 +114,23 @@ def cpu_has_bf16() -> bool:
     )
 
 
+def training_conversations(convs: list[dict], seed: int) -> list[dict]:
+    """The conversations a head may train on, in a ``seed`` order: those with two turns or more,
+    less the first ``HELD_OUT`` of ``sample_sharegpt``'s order (the benchmarks' prompts)."""
+    convs = [c for c in convs if len(c["conversations"]) >= 2]
+    random.Random(0).shuffle(convs)  # sample_sharegpt's order: its first conversations are held out
+    train = convs[HELD_OUT:]
+    random.Random(seed).shuffle(train)
+    return train
+
+
 def token_rows(tokenizer, seq_len: int, count: int, seed: int) -> torch.Tensor:
     """``count`` rows of ``seq_len`` tokens: packed chat-rendered conversations, benchmarks' held out."""
     from zycompile.data import load_conversations
 
-    convs = [c for c in load_conversations() if len(c["conversations"]) >= 2]
-    random.Random(0).shuffle(convs)  # sample_sharegpt's order: its first conversations are held out
-    train = convs[HELD_OUT:]
-    random.Random(seed).shuffle(train)
     stream: list[int] = []
     need = seq_len * count
-    for c in train:
+    for c in training_conversations(load_conversations(), seed):
         msgs = [
             {"role": "user" if t.get("from") == "human" else "assistant", "content": t.get("value") or ""}
             for t in c["conversations"][:4]
@@ -213,6 +240,7 @@ def draft_vocabulary(lm_head, rows: torch.Tensor, feats: torch.Tensor, size: int
 
 def cmd_train_draft(args) -> int:
     import zycompile
+    from zycompile.draft_data import generate_replies, reply_rows
     from zycompile.errors import ZyError
     from zycompile.models import load_model
     from zycompile.runtime.eagle import EagleHead, load_head, save_head
@@ -227,6 +255,12 @@ def cmd_train_draft(args) -> int:
         raise ZyError(f"--unroll {args.unroll}: expected 1 to --seq-len - 2 = {args.seq_len - 2}")
     if args.init and not Path(args.init).is_file():
         raise ZyError(f"--init {args.init}: no such file (a head written by `zycompile train-draft`)")
+    if args.generate_replies and not args.replies:
+        raise ZyError("--generate-replies N needs --replies FILE: the file the replies are written to")
+    if args.replies and not args.generate_replies and not Path(args.replies).is_file():
+        raise ZyError(f"--replies {args.replies}: no such file (--generate-replies N writes it)")
+    if min(args.reply_len, args.reply_batch) < 1 or args.generate_replies < 0:
+        raise ZyError("--reply-len, --reply-batch and --generate-replies must be positive")
     recipe = zycompile.load_recipe(args.recipe, args.overrides)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
@@ -238,7 +272,15 @@ def cmd_train_draft(args) -> int:
     if tok is None or getattr(tok, "chat_template", None) is None:
         raise ZyError(f"{recipe.model.source}: train-draft needs a tokenizer with a chat template")
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    rows = token_rows(tok, args.seq_len, n_train + args.val_rows, args.seed)
+    if args.replies:
+        if not Path(args.replies).is_file():
+            log(f"generating {args.generate_replies} replies into {args.replies}")
+            generate_replies(
+                recipe, args.replies, args.generate_replies, args.reply_len, args.reply_batch, args.seed, log
+            )
+        rows = reply_rows(args.replies, args.seq_len, n_train + args.val_rows, args.seed)
+    else:
+        rows = token_rows(tok, args.seq_len, n_train + args.val_rows, args.seed)
     epochs = args.steps * args.batch / n_train
     log(
         f"{n_train} rows x {args.seq_len} tokens, {args.steps} steps x {args.batch} rows: {epochs:.2f} epochs"
@@ -343,6 +385,7 @@ def cmd_train_draft(args) -> int:
         "val_top1": round(acc, 4),
         "val_top1_depths": [round(x, 4) for x in accs],
         "unroll": args.unroll,
+        "data": f"replies {Path(args.replies).name}" if args.replies else "sharegpt",
         **(
             {"init_command": init_meta.get("command"), "init_steps": init_meta.get("steps")}
             if init_meta
