@@ -44,21 +44,40 @@ def training_prompts(tokenizer, count: int, seed: int, max_len: int) -> list[lis
 
 
 def generate_replies(
-    recipe, path: str | Path, count: int, max_new_tokens: int, batch: int, seed: int, log: Callable
+    recipe,
+    path: str | Path,
+    count: int,
+    max_new_tokens: int,
+    batch: int,
+    seed: int,
+    log: Callable,
+    max_prompt_len: int = 256,
 ) -> None:
-    """Write the target's greedy replies to ``count`` training prompts to ``path`` (JSONL), as they
-    finish, so an interrupted run keeps what it generated."""
+    """Write the target's greedy replies to ``count`` training prompts of at most ``max_prompt_len``
+    tokens to ``path`` (JSONL), as they finish, so an interrupted run keeps what it generated."""
     import dataclasses
 
     import zycompile
     from zycompile.runtime.engine import Engine
     from zycompile.runtime.sampling import SamplingParams
 
-    # a decode batch of `batch` rows, and room for the longest prompt plus its reply
-    max_prompt = max(16, recipe.runtime.max_seq_len - max_new_tokens)
-    runtime = dataclasses.replace(recipe.runtime, batch_buckets=(batch,))
+    max_prompt = min(max_prompt_len, recipe.runtime.max_seq_len - max_new_tokens)
+    if max_prompt < 1:
+        raise ZyError(
+            f"--reply-len {max_new_tokens} leaves no room for a prompt in runtime.max_seq_len "
+            f"{recipe.runtime.max_seq_len}"
+        )
+    runtime = dataclasses.replace(recipe.runtime, batch_buckets=(batch,))  # one decode batch of `batch`
     opt = zycompile.optimize(None, dataclasses.replace(recipe, runtime=runtime))
     prompts = training_prompts(opt.tokenizer, count, seed, max_prompt)
+    if len(prompts) < count:
+        if not prompts:
+            raise ZyError(
+                f"no training prompt fits in {max_prompt} tokens (with the chat template): raise --seq-len"
+            )
+        log(
+            f"only {len(prompts)} training prompts fit in {max_prompt} tokens: generating {len(prompts)} replies"
+        )
     engine = Engine(opt.generator(), max_concurrency=batch)
     for p in prompts:
         engine.add_request(p, SamplingParams(max_new_tokens=max_new_tokens))

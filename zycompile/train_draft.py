@@ -275,8 +275,16 @@ def cmd_train_draft(args) -> int:
     if args.replies:
         if not Path(args.replies).is_file():
             log(f"generating {args.generate_replies} replies into {args.replies}")
+            # prompts of at most --seq-len tokens: a row takes 2 x --seq-len of a prompt + reply
             generate_replies(
-                recipe, args.replies, args.generate_replies, args.reply_len, args.reply_batch, args.seed, log
+                recipe,
+                args.replies,
+                args.generate_replies,
+                args.reply_len,
+                args.reply_batch,
+                args.seed,
+                log,
+                max_prompt_len=args.seq_len,
             )
         rows = reply_rows(args.replies, args.seq_len, n_train + args.val_rows, args.seed)
     else:
