@@ -16,7 +16,7 @@ FAST = ["lowering.backend=aot_eager", "runtime.max_seq_len=64", "runtime.prefill
 
 
 def test_generated_replies_are_the_targets_greedy_outputs(tmp_path, monkeypatch):
-    monkeypatch.setattr(draft_data, "training_prompts", lambda tok, count, seed, max_len: PROMPTS[:count])
+    monkeypatch.setattr(draft_data, "training_prompts", lambda encode, count, seed, max_len: PROMPTS[:count])
     recipe = zycompile.load_recipe("llama-tiny", FAST)
     path = tmp_path / "replies.jsonl"
     draft_data.generate_replies(recipe, path, 3, max_new_tokens=6, batch=2, seed=0, log=lambda m: None)

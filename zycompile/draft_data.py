@@ -21,21 +21,20 @@ import torch
 from zycompile.errors import ZyError
 
 
-def training_prompts(tokenizer, count: int, seed: int, max_len: int) -> list[list[int]]:
-    """``count`` chat-rendered first user turns of the training conversations, at most ``max_len``
-    tokens each (with the generation prompt)."""
+def training_prompts(
+    encode: Callable[[str], list[int]], count: int, seed: int, max_len: int
+) -> list[list[int]]:
+    """``count`` first user turns of the training conversations as ``encode`` renders them (the
+    runtime's chat template), at most ``max_len`` tokens each."""
     from zycompile.data import load_conversations
     from zycompile.train_draft import training_conversations
 
     prompts = []
     for conv in training_conversations(load_conversations(), seed):
         turn = conv["conversations"][0]
-        if turn.get("from") != "human" or not turn.get("value"):
+        if turn.get("from") != "human" or not (turn.get("value") or "").strip():
             continue
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": turn["value"]}], add_generation_prompt=True, tokenize=True
-        )
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = encode(turn["value"])
         if len(ids) <= max_len:
             prompts.append(ids)
             if len(prompts) == count:
@@ -69,7 +68,8 @@ def generate_replies(
         )
     runtime = dataclasses.replace(recipe.runtime, batch_buckets=(batch,))  # one decode batch of `batch`
     opt = zycompile.optimize(None, dataclasses.replace(recipe, runtime=runtime))
-    prompts = training_prompts(opt.tokenizer, count, seed, max_prompt)
+    gen = opt.generator()
+    prompts = training_prompts(lambda text: gen.encode(text)[0], count, seed, max_prompt)
     if len(prompts) < count:
         if not prompts:
             raise ZyError(
@@ -78,7 +78,7 @@ def generate_replies(
         log(
             f"only {len(prompts)} training prompts fit in {max_prompt} tokens: generating {len(prompts)} replies"
         )
-    engine = Engine(opt.generator(), max_concurrency=batch)
+    engine = Engine(gen, max_concurrency=batch)
     for p in prompts:
         engine.add_request(p, SamplingParams(max_new_tokens=max_new_tokens))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
