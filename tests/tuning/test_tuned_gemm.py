@@ -104,6 +104,21 @@ def test_default_kept_unless_a_candidate_clears_the_margin():
     assert all(db.lookup(s).winner == DEFAULT and len(db.lookup(s).times_ms) >= 4 for s in shapes)
 
 
+def test_tuning_saves_after_each_shape(tmp_path):
+    """A run killed part way (the OOM killer, Ctrl-C) keeps the shapes it measured; --new-only resumes."""
+    shapes = collect(recipe(), load_model("tiny:llama").model)[:2]
+    db = tdb.TuningDB(tdb.current_validators("cpu"))
+    path = tmp_path / "db.yaml"
+    held = []
+
+    def save():
+        db.save(path)
+        held.append(sum(tdb.TuningDB.load(path).lookup(s) is not None for s in shapes))
+
+    tune_shapes(shapes, db, FAST, skip=("inductor_cpp",), save=save)
+    assert held == [1, 2]
+
+
 @pytest.mark.parametrize(
     "winner", ["onednn_packed", "mkl_packed", "onednn", "aten_relayout", "inductor_cpp", "split_n"]
 )

@@ -44,8 +44,10 @@ def tune_shapes(
     progress: Callable[[int, int, str], None] | None = None,
     device: torch.device | str = "cpu",
     skip: tuple[str, ...] = (),
+    save: Callable[[], None] | None = None,
 ) -> list[Row]:
-    """Time every available candidate (less ``skip``) on each shape; record the winners in ``db``."""
+    """Time every available candidate (less ``skip``) on each shape; record the winners in ``db``,
+    calling ``save`` after each shape (a run killed part way keeps what it measured)."""
     cfg = cfg or DEFAULT_BENCH
     device = torch.device(device)
     rows = []
@@ -60,6 +62,8 @@ def tune_shapes(
         winner = best if default_ms / valid[best] >= db.margin else DEFAULT
         db.entries[shape] = tdb.Entry(winner, {n: t.ms for n, t in timings.items()})
         rows.append(Row(shape, default_ms, winner, valid[winner], best))
+        if save:
+            save()
     if progress:
         progress(len(shapes), len(shapes), "done")
     return rows
@@ -115,7 +119,7 @@ def tune(
         shapes = [s for s in shapes if db.lookup(s) is None]
         if log:
             log(f"{len(held)} shape(s) already in {out}, {len(shapes)} to time")
-    rows = tune_shapes(shapes, db, cfg, progress, device, skip)
+    rows = tune_shapes(shapes, db, cfg, progress, device, skip, save=lambda: db.save(out))
     db.save(out)
     return db, rows
 
