@@ -10,6 +10,7 @@ turns of the training conversations only (``train_draft.HELD_OUT`` keeps the ben
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -54,8 +55,6 @@ def generate_replies(
 ) -> None:
     """Write the target's greedy replies to ``count`` training prompts of at most ``max_prompt_len``
     tokens to ``path`` (JSONL), as they finish, so an interrupted run keeps what it generated."""
-    import dataclasses
-
     import zycompile
     from zycompile.runtime.engine import Engine
     from zycompile.runtime.sampling import SamplingParams
