@@ -104,6 +104,10 @@ class RuntimeSection:
     step_cache: bool = True  # save compiled steps to disk: a new process skips Dynamo (runtime/step_cache.py)
     # engine: reuse the cached K/V of shared prompt openings, up to this many MiB (0: off; runtime/prefix_cache.py)
     prefix_cache_mb: int = 256
+    # engine on a CPU: run a new request's prefill on half the threads while the other half decodes the
+    # running requests (runtime/prefill_worker.py). Off by default: on the 2-core EPYC it lost (1t decode
+    # is 1.67x slower than 2t); bench/prefill_overlap.py says whether it pays on a machine
+    prefill_overlap: bool = False
 
     def check(self):
         if self.max_seq_len < 2:
@@ -136,6 +140,7 @@ class RuntimeSection:
 # debug.dump_dir stays in: a cache hit would skip the passes and write no dumps.
 GRAPH_NEUTRAL_KEYS = (
     "runtime.prefix_cache_mb",
+    "runtime.prefill_overlap",
     "runtime.step_cache",
     "speculative.num_tokens",
     "speculative.adaptive",

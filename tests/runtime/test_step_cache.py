@@ -130,6 +130,20 @@ def test_marks_split_signatures_and_strip_and_restore():
     assert marked._dynamo_weak_dynamic_indices == {1}
 
 
+def test_thread_count_splits_signatures():
+    """A step compiled at another intra-op thread count is another graph (the engine's prefill worker
+    runs at half the threads): it gets its own saved file, not a guard failure on every call."""
+    from zycompile.runtime.prefill_worker import threads
+
+    args = (torch.zeros(1, 8), None)
+    with threads(1):
+        one = step_cache._signature(args)
+    with threads(2):
+        two = step_cache._signature(args)
+    assert one != two and step_cache._stem(one) != step_cache._stem(two)
+    assert step_cache._describe(one) == step_cache._describe(two) == "([1, 8], None)"
+
+
 def test_a_step_that_cannot_be_saved_is_traced_alone(monkeypatch, caplog, tmp_path):
     """One graph whose capture fails (batch 4 here) is compiled by Dynamo; the other signatures keep
     their saved steps instead of all falling back to a Dynamo re-trace (a prefill re-traced mid-run)."""

@@ -10,14 +10,16 @@ import torch.distributed as dist
 
 from zycompile.bench.metrics import RequestTiming
 from zycompile.bench.workload import WorkItem
+from zycompile.runtime import prefill_worker
 from zycompile.runtime.engine import Engine
 from zycompile.runtime.generate import Generator, bucket_for
 from zycompile.runtime.sampling import SamplingParams
 
 
 def warmup(gen: Generator, concurrency: int) -> None:
-    """Compile every graph the run can need: each prefill bucket (one request into a slot) and each
-    decode batch bucket up to the one covering ``concurrency`` slots."""
+    """Compile every graph the run can need: each prefill bucket (one request into a slot), each
+    decode batch bucket up to the one covering ``concurrency`` slots, and their split-thread copies
+    where the engine prefills beside decode."""
     dev = gen.device
     prefill = gen.speculator.prefill_chunk if gen.speculator else gen.prefill_chunk
     for width in gen.prefill_buckets:
@@ -39,6 +41,7 @@ def warmup(gen: Generator, concurrency: int) -> None:
                 )
             engine.run()
         gen.speculator.stats = type(gen.speculator.stats)()
+    prefill_worker.warm(gen, top)  # prefill beside decode: the split-thread graphs (CPU, c >= 2)
     gen.cache.reset()
 
 

@@ -10,6 +10,11 @@ highest busy slot, so there is one compiled decode graph per bucket and no recom
 state; when requests finish, the one in the highest slot moves down (its filled KV slots copied) if
 that lets a smaller bucket serve the rest. A request that cannot run (too long, empty, bad sampling
 parameters) is rejected alone with its error; the others go on.
+
+With ``runtime.prefill_overlap: true`` (a CPU, 2+ threads), a new request's prompt runs on a background
+thread with half the cores while the running requests keep decoding on the other half
+(prefill_worker.py, which says when that pays). Its first token is sampled when the engine next looks
+(after the decode step in flight), and rows are not compacted while a prompt is being written.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 
 from zycompile.errors import GenerationError
 from zycompile.runtime.generate import Generator, bucket_for
+from zycompile.runtime.prefill_worker import PrefillWorker, overlap_threads, threads, warm
 from zycompile.runtime.prefix_cache import prefix_cache_for
 from zycompile.runtime.sampling import SamplingParams, sample
 
@@ -74,6 +80,13 @@ class Engine:
         self._next_id = 0
         # one per engine: a benchmark run never hits the prompts of an earlier run
         self.prefix = prefix_cache_for(generator)
+        # prefill beside decode: (decode threads, worker) while a prompt runs on the worker
+        split = overlap_threads(generator) if self.max_concurrency > 1 else None
+        self.worker = None if split is None else PrefillWorker.of(generator, split[1])
+        self.decode_threads = None if split is None else split[0]
+        if split is not None:  # its graphs exist before two threads run steps
+            warm(generator, bucket_for(self.max_concurrency, generator.batch_buckets))
+        self.overlapped = 0  # prompts prefilled beside decode steps
 
     # ---- admission -----------------------------------------------------------------------------
 
@@ -127,15 +140,44 @@ class Engine:
 
     def step(self) -> None:
         self._admit()
-        prefilling = [r for r in self.running.values() if r.prefilled < len(r.prompt)]
-        if prefilling:
-            self._prefill_chunk(min(prefilling, key=lambda r: r.id))
+        if self.worker is not None:
+            self._collect(wait=False)
+        in_flight = self.worker.job[0] if self.worker is not None and self.worker.busy else None
+        prefilling = [r for r in self.running.values() if r.prefilled < len(r.prompt) and r is not in_flight]
         decoding = self._decoding()
+        if prefilling:
+            req = min(prefilling, key=lambda r: r.id)
+            if self.worker is not None and decoding and len(req.prompt) - req.prefilled >= 2:
+                if in_flight is None:
+                    self._start_background(req)
+            elif in_flight is None:
+                self._prefill_chunk(req)
         if decoding:
-            self._decode(decoding)
+            if self.worker is not None and self.worker.busy:
+                with threads(self.decode_threads):
+                    self._decode(decoding)
+            else:
+                self._decode(decoding)
+        elif self.worker is not None and self.worker.busy:
+            self._collect(wait=True)  # nothing else to do: wait for the prompt
         for slot in [s for s, r in self.running.items() if r.done]:
             self.finished.append(self.running.pop(slot))
-        self._compact()
+        if self.worker is None or not self.worker.busy:  # never move a row being written
+            self._compact()
+
+    def _start_background(self, req: Request) -> None:
+        if req.prefilled == 0 and self.prefix is not None:
+            req.prefilled = req.cached = self.prefix.load(req.prompt, req.slot)  # leaves >= 1 token to run
+        self.worker.submit(req)
+        self.overlapped += 1
+
+    def _collect(self, wait: bool) -> None:
+        done = self.worker.result(wait)
+        if done is None:
+            return
+        req, logits = done
+        req.prefilled = len(req.prompt)
+        self._first_token(req, logits)
 
     def _compact(self) -> None:
         """Move the request in the highest slot to the lowest free one while that shrinks the decode
@@ -177,10 +219,13 @@ class Engine:
         logits = prefill([req.prompt], [len(req.prompt)], req.prefilled, count, rows)
         req.prefilled += count
         if req.prefilled == len(req.prompt):
-            tok = sample(logits, [req.params], [req.generator])[0].item()
-            self._emit(req, tok)
-            if self.prefix is not None:  # after the first token: keeping blocks is not on its clock
-                self.prefix.store(req.prompt, req.slot)
+            self._first_token(req, logits)
+
+    def _first_token(self, req: Request, logits: torch.Tensor) -> None:
+        tok = sample(logits, [req.params], [req.generator])[0].item()
+        self._emit(req, tok)
+        if self.prefix is not None:  # after the first token: keeping blocks is not on its clock
+            self.prefix.store(req.prompt, req.slot)
 
     def _decoding(self) -> list[Request]:
         return [r for r in self.running.values() if r.next_token is not None and not r.done]

@@ -19,6 +19,7 @@ import torch
 from zycompile.errors import GenerationError
 from zycompile.ops import cpu_decode_attention
 from zycompile.ops.attention import position_mask
+from zycompile.runtime.compile_gate import CompileGate
 from zycompile.runtime.metrics import kv_bytes_per_token, mbu, measure_read_bandwidth, weight_bytes_per_token
 from zycompile.runtime.sampling import SamplingParams, sample
 from zycompile.runtime.sharded_kv_cache import cache_for_recipe
@@ -73,7 +74,9 @@ class Generator:
         self.compiled_step = compile_cached_step(
             self._step, optimized.backend, self, ("input_ids", "pos", "last", "rows", "keys")
         )
-        self.seen_shapes: set[tuple[int, int]] = set()
+        self.seen_shapes: set[tuple] = set()
+        self.gate = CompileGate()
+        self.threads = torch.get_num_threads()
         self.on_compile: Callable[[str], None] | None = None
         self.bandwidth: float | None = None
         self.weight_bytes = 0
@@ -129,14 +132,18 @@ class Generator:
             input_ids.shape[0],
             "dyn" if self.dynamic_prefill and input_ids.shape[1] > 1 else input_ids.shape[1],
             rows is None,
+            torch.get_num_threads(),  # Dynamo guards on it: another count is another graph
         )
-        if key not in self.seen_shapes:
+        first = key not in self.seen_shapes
+        if first:
             self.seen_shapes.add(key)
             if self.on_compile:
                 kind = "decode" if key[1] == 1 else "prefill"
                 verb = compile_verb(self.compiled_step, input_ids, pos, last, rows, keys)
-                self.on_compile(f"{verb} {kind} graph for batch {key[0]} x {key[1]} tokens")
-        with torch.no_grad():
+                width = "" if key[3] == self.threads else f", {key[3]} thread{'s' * (key[3] > 1)}"
+                self.on_compile(f"{verb} {kind} graph for batch {key[0]} x {key[1]} tokens{width}")
+        # a first call may compile: alone (the engine's prefill worker runs steps on another thread)
+        with torch.no_grad(), self.gate.exclusive() if first else self.gate.shared():
             return self.compiled_step(input_ids, pos, last, rows, keys)
 
     # ---- inputs --------------------------------------------------------------------------------

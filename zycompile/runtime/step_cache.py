@@ -93,9 +93,11 @@ def model_key(owner: Any, fn_name: str) -> str:
 
 def _signature(args: tuple) -> tuple:
     """The argument structure a saved step was captured for: dtype and size per tensor, -1 where a
-    dimension is marked dynamic (one symbolic graph for all its sizes). Built on every call: a plain
-    tuple, hashed into a file name only when saving or loading (``_stem``)."""
-    sig = []
+    dimension is marked dynamic (one symbolic graph for all its sizes), and the intra-op thread count
+    (Dynamo guards on it and Inductor's CPU kernels bake it in: the engine's prefill worker runs steps
+    at half the threads). Built on every call: a plain tuple, hashed into a file name only when saving
+    or loading (``_stem``)."""
+    sig: list[Any] = [("threads", torch.get_num_threads())]
     for a in args:
         if isinstance(a, torch.Tensor):
             d = a.__dict__  # empty for an unmarked tensor: the common case costs nothing more
@@ -114,7 +116,7 @@ def _describe(sig: tuple) -> str:
     """The argument shapes of a signature, for messages: ``[1, -1] x [1, -1] x ...`` (-1: dynamic)."""
     return (
         "("
-        + ", ".join(str(list(a[1])) if isinstance(a, tuple) and len(a) == 3 else repr(a) for a in sig)
+        + ", ".join(str(list(a[1])) if isinstance(a, tuple) and len(a) == 3 else repr(a) for a in sig[1:])
         + ")"
     )
 
