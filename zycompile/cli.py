@@ -66,7 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="CANDIDATE",
-        help="a candidate not to time, e.g. inductor_cpp (compiles a kernel per shape; repeatable)",
+        help="a candidate not to time, e.g. split_n (repeatable)",
+    )
+    tune.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="CANDIDATE",
+        help="an opt-in candidate to time too: inductor_cpp (a kernel compiled per weight and M; "
+        "slow, memory-hungry, and it has not won a shape yet; repeatable)",
     )
     tune.add_argument(
         "--m",
@@ -162,6 +170,7 @@ def cmd_tune(args) -> int:
         progress=progress_bar(),
         log=say,
         skip=tuple(args.skip),
+        include=tuple(args.include),
         extra_m=tuple(args.m),
         new_only=args.new_only,
     )

@@ -99,9 +99,11 @@ def test_candidates_are_timed_the_way_the_compiled_graph_calls_them(monkeypatch)
 def test_default_kept_unless_a_candidate_clears_the_margin():
     shapes = collect(recipe(), load_model("tiny:llama").model)[:3]
     db = tdb.TuningDB(tdb.current_validators("cpu"), margin=1e9)
-    rows = tune_shapes(shapes, db, FAST, skip=("inductor_cpp",))
+    rows = tune_shapes(shapes, db, FAST)
     assert all(r.winner == DEFAULT and r.speedup == 1.0 for r in rows)
     assert all(db.lookup(s).winner == DEFAULT and len(db.lookup(s).times_ms) >= 4 for s in shapes)
+    # opt-in candidates are timed only when included
+    assert all("inductor_cpp" not in db.lookup(s).times_ms for s in shapes)
 
 
 def test_tuning_saves_after_each_shape(tmp_path):
@@ -115,7 +117,7 @@ def test_tuning_saves_after_each_shape(tmp_path):
         db.save(path)
         held.append(sum(tdb.TuningDB.load(path).lookup(s) is not None for s in shapes))
 
-    tune_shapes(shapes, db, FAST, skip=("inductor_cpp",), save=save)
+    tune_shapes(shapes, db, FAST, save=save)
     assert held == [1, 2]
 
 
@@ -259,8 +261,9 @@ def test_cli_tune_writes_a_database_and_a_table(tmp_path, capsys, monkeypatch):
     args = ["tune", "--recipe", "llama-tiny", "--out", str(out), "--set", "lowering.backend=aot_eager"]
     assert main([*args, "--skip", "fastest"]) == 2
     assert "--skip fastest: no such candidate; candidates: aten_relayout" in capsys.readouterr().err
-    args += ["--skip", "inductor_cpp"]  # it compiles a kernel per shape: minutes on the tiny model here
-    assert main(args) == 0
+    assert main([*args, "--include", "split_n"]) == 2
+    assert "--include split_n: it is timed anyway; opt-in candidates: inductor_cpp" in capsys.readouterr().err
+    assert main(args) == 0  # inductor_cpp (opt-in) is not timed: minutes of compiles on the tiny model here
     text = capsys.readouterr()
     assert "geometric-mean speedup" in text.out and "| 4 x 128 x 64 float32 row |" in text.out
     assert "35/35" in text.err

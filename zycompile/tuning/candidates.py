@@ -43,6 +43,8 @@ class Candidate:
     exact_m: bool = False  # the state serves only its own M (a static-shape kernel); others use the default
     # runs on worker threads of its own: inside the symbolic-length prefill graph it lost to the runner-up
     own_threads: bool = False
+    # timed only when asked for (``zycompile tune --include NAME``): slow to prepare and never a winner so far
+    opt_in: bool = False
     available: Callable[[torch.device, torch.dtype], bool] = lambda device, dtype: True
 
 
@@ -225,6 +227,10 @@ CANDIDATES: dict[str, Candidate] = {
             copies_weight=True,
             per_m=True,
             exact_m=True,
+            # Opt-in: on the Xeon it lost every one of 32 shapes (1.5-3.5x the winner's time); it compiles
+            # a kernel per weight and M; and each prepare leaves ~20-26 MB resident (Inductor keeps the
+            # frozen, packed weight; cache_clear does not free it), so a full tune reached 24 GB.
+            opt_in=True,
             available=_onednn_ok,  # the template's weight packing and micro-kernels: oneDNN's ISA checks
         ),
         Candidate(

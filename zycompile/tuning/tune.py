@@ -45,16 +45,22 @@ def tune_shapes(
     device: torch.device | str = "cpu",
     skip: tuple[str, ...] = (),
     save: Callable[[], None] | None = None,
+    include: tuple[str, ...] = (),
 ) -> list[Row]:
-    """Time every available candidate (less ``skip``) on each shape; record the winners in ``db``,
-    calling ``save`` after each shape (a run killed part way keeps what it measured)."""
+    """Time every available candidate (less ``skip``; opt-in ones only if in ``include``) on each
+    shape; record the winners in ``db``, calling ``save`` after each shape (a run killed part way keeps
+    what it measured)."""
     cfg = cfg or DEFAULT_BENCH
     device = torch.device(device)
     rows = []
     for i, shape in enumerate(shapes):
         if progress:
             progress(i, len(shapes), shape.label())
-        cands = [c for c in available(device, getattr(torch, shape.dtype)) if c.name not in skip]
+        cands = [
+            c
+            for c in available(device, getattr(torch, shape.dtype))
+            if c.name not in skip and (not c.opt_in or c.name in include)
+        ]
         timings = {t.candidate: t for t in time_candidates(shape, cands, cfg, device=device)}
         default_ms = timings[DEFAULT].ms
         valid = {n: t.ms for n, t in timings.items() if t.ms is not None}
@@ -89,19 +95,25 @@ def tune(
     skip: tuple[str, ...] = (),
     extra_m: tuple[int, ...] = (),
     new_only: bool = False,
+    include: tuple[str, ...] = (),
 ) -> tuple[tdb.TuningDB, list[Row]]:
     """Tune every GEMM of ``recipe`` (a Recipe); save to ``out`` (default: the ``db: auto`` path).
-    ``skip``: candidate names not to time (e.g. ``inductor_cpp``, which compiles a kernel per shape).
+    ``skip``: candidate names not to time. ``include``: opt-in candidates to time too (``inductor_cpp``).
     ``extra_m``: row counts to tune for every weight besides the buckets' (speculative verify widths).
     ``new_only``: time only the shapes the database does not hold yet."""
     bad = [m for m in extra_m if m < 1]
     if bad:
         raise ZyError(f"--m {bad[0]}: expected row counts >= 1")
+    others = ", ".join(n for n in CANDIDATES if n != DEFAULT)
     for name in skip:
         if name not in CANDIDATES or name == DEFAULT:
             why = "the default cannot be skipped" if name == DEFAULT else "no such candidate"
-            others = ", ".join(n for n in CANDIDATES if n != DEFAULT)
             raise ZyError(f"--skip {name}: {why}; candidates: {others}")
+    opt_in = [n for n, c in CANDIDATES.items() if c.opt_in]
+    for name in include:
+        if name not in opt_in:
+            why = "no such candidate" if name not in CANDIDATES else "it is timed anyway"
+            raise ZyError(f"--include {name}: {why}; opt-in candidates: {', '.join(opt_in)}")
     if model is None:
         from zycompile.models import load_model
 
@@ -119,7 +131,7 @@ def tune(
         shapes = [s for s in shapes if db.lookup(s) is None]
         if log:
             log(f"{len(held)} shape(s) already in {out}, {len(shapes)} to time")
-    rows = tune_shapes(shapes, db, cfg, progress, device, skip, save=lambda: db.save(out))
+    rows = tune_shapes(shapes, db, cfg, progress, device, skip, save=lambda: db.save(out), include=include)
     db.save(out)
     return db, rows
 
