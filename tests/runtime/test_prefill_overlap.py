@@ -18,6 +18,7 @@ from zycompile.runtime.prefill_worker import overlap_threads, threads
 from zycompile.runtime.sampling import SamplingParams
 
 FAST = ["runtime.prefill_buckets=[8, 16]", "runtime.max_seq_len=96", "runtime.prefill=dynamic"]
+STATIC = [*FAST[:2], "runtime.prefill=buckets"]  # the worker pads chunks of <= 16 tokens to a bucket
 PROMPTS = [
     [5, 17, 33, 2, 9],
     [7, 8],
@@ -32,16 +33,25 @@ def _params(n=10):
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def gen():
+def _overlap_gen(overrides):
     if torch.get_num_threads() < 2:
         pytest.skip("the overlap splits 2+ intra-op threads")
     torch._dynamo.reset()
-    opt = zycompile.optimize("tiny:llama", "llama-tiny", overrides=[*FAST, "runtime.prefill_overlap=true"])
+    opt = zycompile.optimize(
+        "tiny:llama", "llama-tiny", overrides=[*overrides, "runtime.prefill_overlap=true"]
+    )
     return opt.generator()
 
 
-def test_prompts_prefilled_beside_decode_get_their_solo_tokens(gen):
+@pytest.fixture(scope="module")
+def gen():
+    return _overlap_gen(FAST)
+
+
+@pytest.mark.parametrize("prefill", ["dynamic", "buckets"])
+def test_prompts_prefilled_beside_decode_get_their_solo_tokens(gen, prefill):
+    if prefill == "buckets":  # 40- and 30-token prompts: the worker runs several padded chunks
+        gen = _overlap_gen(STATIC)
     solo = [gen.generate([p], max_new_tokens=10, ignore_eos=True).tokens[0] for p in PROMPTS]
     eng = Engine(gen, max_concurrency=3)
     assert eng.worker is not None and eng.decode_threads == torch.get_num_threads() - eng.worker.threads
