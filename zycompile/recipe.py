@@ -105,8 +105,8 @@ class RuntimeSection:
     # engine: reuse the cached K/V of shared prompt openings, up to this many MiB (0: off; runtime/prefix_cache.py)
     prefix_cache_mb: int = 256
     # engine on a CPU: run a new request's prefill on half the threads while the other half decodes the
-    # running requests (runtime/prefill_worker.py). Off by default: on the 2-core EPYC it lost (1t decode
-    # is 1.67x slower than 2t); bench/prefill_overlap.py says whether it pays on a machine
+    # running requests (runtime/prefill_worker.py). Off by default: on the 2-core EPYC it moved c=8 +2%
+    # (1-thread decode is 1.5-1.7x slower than 2-thread); bench/prefill_overlap.py says if it pays
     prefill_overlap: bool = False
 
     def check(self):

@@ -5,10 +5,11 @@ Prefill is compute-bound and decode bandwidth-bound, so side by side each barely
 the 2-core EPYC, one thread each, a compiled batch-8 SmolLM2 decode step and a 250-token prefill each
 slowed by 1-7% against running alone on one thread (bench/prefill_overlap.py). It pays only where
 decode on half the cores is nearly as fast as on all of them, and it is off by default because on
-that box it is not: one core decodes batch 8 1.67x slower than two, so side by side did the same
-work only 1.09x faster than one after the other, and the 64-prompt c=8 bench fell from 150.5 to
-127.8 tok/s (the prefilling row also waits twice as long for its prompt). bench/prefill_overlap.py
-measures the same on another machine.
+that box it is not: one core decodes batch 8 1.5-1.7x slower than two, so side by side did the same
+work only 1.09-1.26x faster than one after the other, and the paired 64-prompt c=8 bench moved +2%
+(124.5 -> 127.0 tok/s): the running rows' TPOT p99 fell 242 -> 77 ms, the new requests' TTFT
+median rose 137 -> 504 ms (their prompts run at half speed). bench/prefill_overlap.py measures the
+same on another machine.
 
 Each side gets its own compiled graphs: Dynamo guards on ``torch.get_num_threads()`` and Inductor's CPU
 kernels bake the thread count in, so the decode graphs at ``decode_threads`` and the prefill graph at
