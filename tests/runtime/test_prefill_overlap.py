@@ -19,13 +19,14 @@ from zycompile.runtime.sampling import SamplingParams
 
 FAST = ["runtime.prefill_buckets=[8, 16]", "runtime.max_seq_len=96", "runtime.prefill=dynamic"]
 STATIC = [*FAST[:2], "runtime.prefill=buckets"]  # the worker pads chunks of <= 16 tokens to a bucket
+# three to start decoding, then three joining: two long enough for several chunks, one of 2 tokens
 PROMPTS = [
-    [5, 17, 33, 2, 9],
-    [7, 8],
-    list(range(40, 80)),
-    [100] * 3,
-    list(range(200, 230)),
-    [1, 2, 3, 4, 5, 6, 7],
+    [11, 4, 29],
+    list(range(60, 72)),
+    [300, 301, 302, 9, 9, 9],
+    list(range(120, 165)),
+    [42, 43],
+    list(range(400, 425)),
 ]
 
 
