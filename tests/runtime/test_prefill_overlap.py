@@ -34,9 +34,17 @@ def _params(n=10):
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """The overlap splits 2+ intra-op threads; an xdist worker on CI has 1 (one worker per core), so
+    this module runs on 2 (the other worker's tests share the cores meanwhile: slower, not wrong)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
 def _overlap_gen(overrides):
-    if torch.get_num_threads() < 2:
-        pytest.skip("the overlap splits 2+ intra-op threads")
     torch._dynamo.reset()
     opt = zycompile.optimize(
         "tiny:llama", "llama-tiny", overrides=[*overrides, "runtime.prefill_overlap=true"]
