@@ -177,8 +177,9 @@ class SpeculativeSection:
     # eagle: where the context's last ngram_max..ngram_min tokens occurred before (prompt lookup),
     # draft up to this many of the tokens that followed instead of the head's (0: head only)
     lookup_tokens: int = 0
-    # eagle: verify a draft tree, not a chain (greedy rows): [w_1, w_2, ...] = the head's w_1 most likely
-    # first tokens, its w_2 most likely second tokens under the best first one, ... (empty: a chain)
+    # eagle: verify a draft tree, not a chain (sampled rows: tree rejection sampling): [w_1, w_2, ...] =
+    # the head's w_1 most likely first tokens, its w_2 most likely second tokens under the best first
+    # one, ... (empty: a chain)
     tree: tuple[int, ...] = ()
     # eagle: trees only in batches of at most this many rows; larger batches verify chains (batch x
     # width rows outgrow the small-GEMM kernel: at c=4 a tree [2] ran 54 tok/s against a chain's 67-75)

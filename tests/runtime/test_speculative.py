@@ -273,10 +273,52 @@ def test_eagle_tree_greedy_identical_alone_and_batched(reference, tiny_head):
     opt = _spec(_eagle_lookup(tiny_head, "speculative.tree=[3, 2]", "speculative.tree_max_batch=4"))
     s = _identical_alone_and_batched(opt, reference).speculative
     assert s["tree_rounds"] == s["forwards"] > 0 and s["drafted"] > 3 * s["rounds"]  # 5 nodes, or lookup
-    # sampled rows verify a chain (tree rejection sampling is not implemented)
+    # sampled rows verify the tree too (DraftTree.accept_sampled), reproducibly under a seed
     before = opt.generator().speculator.stats.tree_rounds
-    opt.generate(PROMPTS[:1], max_new_tokens=4, temperature=0.8, seed=0, ignore_eos=True)
-    assert opt.generator().speculator.stats.tree_rounds == before
+    kw = dict(max_new_tokens=6, temperature=0.8, seed=0, ignore_eos=True)
+    a = opt.generate(PROMPTS[:2], **kw).tokens
+    assert opt.generator().speculator.stats.tree_rounds > before
+    assert a == opt.generate(PROMPTS[:2], **kw).tokens and all(len(t) == 6 for t in a)
+
+
+def _tree_samples(broken: bool, rows: int = 20000, vocab: int = 6, seed: int = 0):
+    """First and second emitted tokens of a sampled tree round, over many rounds with fixed target
+    distributions: the root's candidates 2 and 4, and candidate 1 under 2."""
+    g = torch.Generator().manual_seed(seed)
+    tree = DraftTree.from_paths([[[2, 1], [4]]])  # nodes: 1 = 2, 2 = 1 (under node 1), 3 = 4
+    probs = torch.softmax(torch.randn(4, vocab, generator=g) * 1.5, -1)  # after the root and nodes 1-3
+    first, second = [], []
+    for _ in range(rows):
+        if not broken:
+            path, nxt = tree.accept_sampled(0, probs, g)
+        else:  # a plausible bug: each candidate tried against p itself, not against what is left
+            path, node = [], 0
+            kids = {0: [(1, 2), (3, 4)], 1: [(2, 1)]}
+            while True:
+                hit = next(
+                    (c for c, t in kids.get(node, []) if torch.rand((), generator=g) < probs[node, t]), None
+                )
+                if hit is None:
+                    break
+                path.append(hit)
+                node = hit
+            nxt = int(torch.multinomial(probs[node], 1, generator=g)[0])
+        emitted = [tree.tokens[0][n - 1] for n in path] + [nxt]
+        first.append(emitted[0])
+        if path and path[0] == 1:  # the candidate 2 accepted: what follows it
+            second.append(emitted[1])
+    return torch.tensor(first), torch.tensor(second), probs
+
+
+def test_tree_rejection_sampling_preserves_the_target_distribution():
+    first, second, probs = _tree_samples(broken=False)
+    assert _chi_square(first, probs[0]) < CHI2_DF5_P001
+    assert _chi_square(second, probs[1]) < CHI2_DF5_P001  # after an accepted 2: node 1's distribution
+
+
+def test_broken_tree_acceptance_fails_the_same_test():
+    first, _, probs = _tree_samples(broken=True)
+    assert _chi_square(first, probs[0]) > 10 * CHI2_DF5_P001
 
 
 def test_eagle_draft_confidence_stops_drafting_early_and_output_stays_identical(reference, tiny_head):

@@ -87,6 +87,38 @@ class DraftTree:
             nxt.append(target[b][node])
         return paths, nxt
 
+    def accept_sampled(
+        self, b: int, probs: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[list[int], int]:
+        """Row ``b`` of a sampled round: ``probs`` [width, V] is the target's sampling distribution after
+        each block node. Multi-candidate speculative sampling with deterministic drafts (SpecInfer): at
+        a node its children are tried in order, child t accepted with probability r(t) / sum(r), r being
+        the node's distribution with the children tried before removed; when none is, the next token
+        is drawn from r (or, after the path's last node, from its distribution: the bonus). Each token
+        is then an exact draw from the target's distribution, as sampling from p by sequential
+        rejection is. Returns the accepted path (node indices, root excluded) and the next token."""
+        children: dict[int, list[tuple[int, int]]] = {}
+        for i, (t, par) in enumerate(zip(self.tokens[b], self.parents[b])):
+            children.setdefault(par, []).append((i + 1, t))
+        node, path = 0, []
+        while True:
+            r = probs[node].to(torch.float64, copy=True)  # tried candidates are zeroed in the copy
+            accepted = None
+            for child, t in children.get(node, []):
+                mass = float(r.sum())
+                if mass <= 0:
+                    break
+                if float(torch.rand((), generator=generator, dtype=torch.float64)) * mass < float(r[t]):
+                    accepted = child
+                    break
+                r[t] = 0.0
+            if accepted is None:  # none accepted (or none to try): the next token from what is left
+                if float(r.sum()) <= 0:  # rounding left nothing: the node's own distribution
+                    r = probs[node].double()
+                return path, int(torch.multinomial(r, 1, generator=generator)[0])
+            path.append(accepted)
+            node = accepted
+
 
 def _tree_mask(keys: torch.Tensor, start: torch.Tensor, anc: torch.Tensor) -> torch.Tensor:
     off = keys[None, :] - start[:, None]  # [B, S]: a key's offset into row b's block

@@ -276,8 +276,8 @@ class EagleDrafter(Drafter):
         d_1; under the most likely of them its w_2 most likely for d_2; and so on, one head call per
         depth. Where the context repeats (``lookup_tokens``), the row's tree is the prompt-lookup run
         beside the head's best first token instead: every verify position costs ~5% of a step here,
-        and the run is worth more than the head's other branches. Greedy rows only: the tree's
-        verify accepts the target's argmax path."""
+        and the run is worth more than the head's other branches. Greedy rows accept the target's
+        argmax path, sampled rows by tree rejection sampling (``DraftTree.accept_sampled``)."""
         bsz = len(ctx)
         paths: list[list[list[int]]] = [[] for _ in range(bsz)]
         logits, g = self._catch_up(ctx, pos)

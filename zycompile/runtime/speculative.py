@@ -10,7 +10,8 @@ One round, for every row of the batch at once:
 of every position, where the decode step gathers one. Acceptance is tensor code on the logits' device:
 greedy keeps the longest prefix of drafts equal to the target's argmax (so the output is exactly
 greedy decoding); sampling is rejection sampling (accept d with min(1, p(d)/q(d)), else draw from
-max(0, p - q) normalised), so every token is distributed exactly as the target's ``probabilities``.
+max(0, p - q) normalised), so every token is distributed exactly as the target's ``probabilities``;
+a draft tree's sampled rows use the multi-candidate form of it (``DraftTree.accept_sampled``).
 
 Rollback of rejected drafts costs nothing: row b's token at position p lives in cache slot p and a
 query at position q attends only to slots <= q, so slots past the last accepted position are
@@ -272,7 +273,7 @@ class Speculator:
         dev = gen.device
         top = gen.max_seq_len - 1
         if self._tree_fits(pos, params, active):
-            return self._tree_round(ctx, pending, pos, active)
+            return self._tree_round(ctx, pending, pos, active, params, generators)
         draft, q = self.drafter.propose(ctx, pending, pos, params, generators, k)
         if draft is not None and self.length is not None:  # cost-aware: keep the drafts that pay
             conf = self.drafter.confidence
@@ -316,21 +317,19 @@ class Speculator:
             self.k = min(k + 1, self.spec.num_tokens) if full else max(k - 1, self.spec.min_tokens)
         return out
 
-    # ---- a draft tree's round (greedy rows only) ---------------------------------------------------
+    # ---- a draft tree's round ------------------------------------------------------------------------
 
     def _tree_fits(self, pos, params, active) -> bool:
         """Whether this round verifies a draft tree: the drafter builds trees, the batch has at most
-        ``tree_max_batch`` rows, every row is greedy (tree rejection sampling is not implemented:
-        sampled rows verify a chain), the cache keeps position p in slot p, and every active row's
-        block fits before the cache's end."""
+        ``tree_max_batch`` rows, the cache keeps position p in slot p, and every active row's block fits
+        before the cache's end. Greedy rows follow the target's argmax through the tree, sampled rows
+        accept by multi-candidate rejection sampling (``DraftTree.accept_sampled``)."""
         if not self.tree_widths or len(params) > self.spec.tree_max_batch:
-            return False
-        if not all(p.greedy for p in params):
             return False
         top = self.gen.max_seq_len - 1
         return all(int(p) + self.tree_widths[-1] - 1 <= top for p, a in zip(pos.tolist(), active) if a)
 
-    def _tree_round(self, ctx, pending, pos, active) -> list[list[int]]:
+    def _tree_round(self, ctx, pending, pos, active, params, generators) -> list[list[int]]:
         gen, dev = self.gen, self.gen.device
         tree = self.drafter.propose_tree(ctx, pending, pos)
         nodes = tree.nodes
@@ -338,6 +337,9 @@ class Speculator:
         ids, depth, anc = tree.inputs(pending.tolist(), width)
         logits, hidden = self.forward(ids.to(dev), (pos[:, None] + depth).to(dev), tree=anc.to(dev))
         paths, nxt = tree.accept_greedy(logits.argmax(-1).tolist())
+        for b, p in enumerate(params):
+            if active[b] and not p.greedy:
+                paths[b], nxt[b] = tree.accept_sampled(b, probabilities(logits[b], p), generators[b])
         # The accepted path's K/V to consecutive slots after the pending token's (when it took a branch;
         # idle engine slots keep theirs: nothing reads them, and their block may overhang the cache).
         moves = [
