@@ -9,7 +9,7 @@ accepted drafts per verify and tokens per target forward. HF eager ``generate`` 
 
     python bench/speculative.py --drafters ngram early_exit
     python bench/speculative.py --drafters eagle
-    python bench/speculative.py --drafters eagle eagle_chain --temperature 0.7   # sampled decoding
+    python bench/speculative.py --drafters eagle_tree_sampling eagle_chain --temperature 0.7   # sampled
 
 With ``--temperature T > 0`` every system samples (prompt i with seed i). Outputs then differ from
 plain decoding by design (rejection sampling keeps the distribution, not the draws), so no identity
@@ -45,6 +45,8 @@ DRAFTERS = {
     # beside its best one where the last 3-4 tokens repeat
     "eagle": ("smollm2-135m-eagle", []),
     "eagle_chain": ("smollm2-135m-eagle", ["speculative.tree=[]"]),  # one head draft, or the lookup run
+    # as shipped, but sampled rows verify the tree too (tree rejection sampling; with --temperature)
+    "eagle_tree_sampling": ("smollm2-135m-eagle", ["speculative.tree_sampling=true"]),
     "eagle_head": ("smollm2-135m-eagle", ["speculative.lookup_tokens=0", "speculative.tree=[]"]),  # k = 1
     "eagle_k2": ("smollm2-135m-eagle", ["speculative.num_tokens=2", "speculative.tree=[]"]),
     "eagle_k3": ("smollm2-135m-eagle", ["speculative.num_tokens=3", "speculative.tree=[]"]),

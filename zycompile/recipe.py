@@ -152,6 +152,7 @@ GRAPH_NEUTRAL_KEYS = (
     "speculative.lookup_tokens",
     "speculative.tree",
     "speculative.tree_max_batch",
+    "speculative.tree_sampling",
 )
 
 
@@ -177,13 +178,17 @@ class SpeculativeSection:
     # eagle: where the context's last ngram_max..ngram_min tokens occurred before (prompt lookup),
     # draft up to this many of the tokens that followed instead of the head's (0: head only)
     lookup_tokens: int = 0
-    # eagle: verify a draft tree, not a chain (sampled rows: tree rejection sampling): [w_1, w_2, ...] =
+    # eagle: verify a draft tree, not a chain (sampled rows: see tree_sampling): [w_1, w_2, ...] =
     # the head's w_1 most likely first tokens, its w_2 most likely second tokens under the best first
     # one, ... (empty: a chain)
     tree: tuple[int, ...] = ()
     # eagle: trees only in batches of at most this many rows; larger batches verify chains (batch x
     # width rows outgrow the small-GEMM kernel: at c=4 a tree [2] ran 54 tok/s against a chain's 67-75)
     tree_max_batch: int = 1
+    # eagle: rounds with a sampled row verify the tree too (tree rejection sampling), not a chain. Off by
+    # default: at temperature 0.7 on the EPYC it gave 1.53 tokens per forward against the chain's 1.46
+    # but 1.20x plain against 1.23x (RESULTS.md 2026-11-29 08:02)
+    tree_sampling: bool = False
     # verify the prefix of the drafts that maximises expected tokens per measured second (draft_length.py)
     cost_aware: bool = False
 

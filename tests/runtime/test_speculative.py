@@ -273,11 +273,21 @@ def test_eagle_tree_greedy_identical_alone_and_batched(reference, tiny_head):
     opt = _spec(_eagle_lookup(tiny_head, "speculative.tree=[3, 2]", "speculative.tree_max_batch=4"))
     s = _identical_alone_and_batched(opt, reference).speculative
     assert s["tree_rounds"] == s["forwards"] > 0 and s["drafted"] > 3 * s["rounds"]  # 5 nodes, or lookup
-    # sampled rows verify the tree too (DraftTree.accept_sampled), reproducibly under a seed
-    before = opt.generator().speculator.stats.tree_rounds
+    # sampled rows verify a chain by default, the tree with tree_sampling (reproducibly under a seed)
     kw = dict(max_new_tokens=6, temperature=0.8, seed=0, ignore_eos=True)
+    before = opt.generator().speculator.stats.tree_rounds
+    opt.generate(PROMPTS[:1], **kw)
+    assert opt.generator().speculator.stats.tree_rounds == before
+    opt = _spec(
+        _eagle_lookup(
+            tiny_head,
+            "speculative.tree=[3, 2]",
+            "speculative.tree_max_batch=4",
+            "speculative.tree_sampling=true",
+        )
+    )
     a = opt.generate(PROMPTS[:2], **kw).tokens
-    assert opt.generator().speculator.stats.tree_rounds > before
+    assert opt.generator().speculator.stats.tree_rounds > 0
     assert a == opt.generate(PROMPTS[:2], **kw).tokens and all(len(t) == 6 for t in a)
 
 

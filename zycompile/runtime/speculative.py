@@ -322,9 +322,12 @@ class Speculator:
     def _tree_fits(self, pos, params, active) -> bool:
         """Whether this round verifies a draft tree: the drafter builds trees, the batch has at most
         ``tree_max_batch`` rows, the cache keeps position p in slot p, and every active row's block fits
-        before the cache's end. Greedy rows follow the target's argmax through the tree, sampled rows
-        accept by multi-candidate rejection sampling (``DraftTree.accept_sampled``)."""
+        before the cache's end. Greedy rows follow the target's argmax through the tree; with
+        ``tree_sampling``, sampled rows accept by multi-candidate rejection sampling
+        (``DraftTree.accept_sampled``), else a round with a sampled row verifies a chain."""
         if not self.tree_widths or len(params) > self.spec.tree_max_batch:
+            return False
+        if not self.spec.tree_sampling and not all(p.greedy for p in params):
             return False
         top = self.gen.max_seq_len - 1
         return all(int(p) + self.tree_widths[-1] - 1 <= top for p, a in zip(pos.tolist(), active) if a)
