@@ -102,7 +102,8 @@ class DraftTree:
             children.setdefault(par, []).append((i + 1, t))
         node, path = 0, []
         while True:
-            r = probs[node].to(torch.float64, copy=True)  # tried candidates are zeroed in the copy
+            # a CPU copy (the row's generator is a CPU one); tried candidates are zeroed in it
+            r = probs[node].to("cpu", torch.float64, copy=True)
             accepted = None
             for child, t in children.get(node, []):
                 mass = float(r.sum())
@@ -114,7 +115,7 @@ class DraftTree:
                 r[t] = 0.0
             if accepted is None:  # none accepted (or none to try): the next token from what is left
                 if float(r.sum()) <= 0:  # rounding left nothing: the node's own distribution
-                    r = probs[node].double()
+                    r = probs[node].to("cpu", torch.float64)
                 return path, int(torch.multinomial(r, 1, generator=generator)[0])
             path.append(accepted)
             node = accepted
