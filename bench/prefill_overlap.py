@@ -23,7 +23,8 @@ import torch
 import zycompile
 from zycompile.bench.machine import machine_line
 from zycompile.bench.report import publish
-from zycompile.runtime.prefill_worker import PrefillWorker, overlap_threads, threads, warm
+from zycompile.intraop import threads
+from zycompile.runtime.prefill_worker import PrefillWorker, overlap_threads, warm
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

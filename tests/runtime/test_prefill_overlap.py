@@ -12,9 +12,10 @@ import torch
 
 import zycompile
 from zycompile.errors import RecipeError
+from zycompile.intraop import threads
 from zycompile.runtime.compile_gate import CompileGate
 from zycompile.runtime.engine import Engine
-from zycompile.runtime.prefill_worker import overlap_threads, threads
+from zycompile.runtime.prefill_worker import overlap_threads
 from zycompile.runtime.sampling import SamplingParams
 
 FAST = ["runtime.prefill_buckets=[8, 16]", "runtime.max_seq_len=96", "runtime.prefill=dynamic"]

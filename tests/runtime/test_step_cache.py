@@ -133,7 +133,7 @@ def test_marks_split_signatures_and_strip_and_restore():
 def test_thread_count_splits_signatures():
     """A step compiled at another intra-op thread count is another graph (the engine's prefill worker
     runs at half the threads): it gets its own saved file, not a guard failure on every call."""
-    from zycompile.runtime.prefill_worker import threads
+    from zycompile.intraop import threads
 
     args = (torch.zeros(1, 8), None)
     with threads(1):

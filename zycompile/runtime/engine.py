@@ -19,6 +19,7 @@ thread with half the cores while the running requests keep decoding on the other
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import deque
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
+from zycompile.intraop import threads
 from zycompile.runtime.generate import Generator, bucket_for
-from zycompile.runtime.prefill_worker import PrefillWorker, overlap_threads, threads, warm
+from zycompile.runtime.prefill_worker import PrefillWorker, overlap_threads
 from zycompile.runtime.prefix_cache import prefix_cache_for
 from zycompile.runtime.sampling import SamplingParams, sample
 
@@ -84,8 +86,6 @@ class Engine:
         split = overlap_threads(generator) if self.max_concurrency > 1 else None
         self.worker = None if split is None else PrefillWorker.of(generator, split[1])
         self.decode_threads = None if split is None else split[0]
-        if split is not None:  # its graphs exist before two threads run steps
-            warm(generator, bucket_for(self.max_concurrency, generator.batch_buckets))
         self.overlapped = 0  # prompts prefilled beside decode steps
 
     # ---- admission -----------------------------------------------------------------------------
@@ -142,28 +142,29 @@ class Engine:
         self._admit()
         if self.worker is not None:
             self._collect(wait=False)
-        in_flight = self.worker.job[0] if self.worker is not None and self.worker.busy else None
+        in_flight = self._in_flight
         prefilling = [r for r in self.running.values() if r.prefilled < len(r.prompt) and r is not in_flight]
         decoding = self._decoding()
-        if prefilling:
+        if prefilling and in_flight is None:  # the worker runs one prompt at a time
             req = min(prefilling, key=lambda r: r.id)
             if self.worker is not None and decoding and len(req.prompt) - req.prefilled >= 2:
-                if in_flight is None:
-                    self._start_background(req)
-            elif in_flight is None:
+                self._start_background(req)
+            else:
                 self._prefill_chunk(req)
         if decoding:
-            if self.worker is not None and self.worker.busy:
-                with threads(self.decode_threads):
-                    self._decode(decoding)
-            else:
+            with threads(self.decode_threads) if self._in_flight else contextlib.nullcontext():
                 self._decode(decoding)
-        elif self.worker is not None and self.worker.busy:
+        elif self._in_flight:
             self._collect(wait=True)  # nothing else to do: wait for the prompt
         for slot in [s for s, r in self.running.items() if r.done]:
             self.finished.append(self.running.pop(slot))
-        if self.worker is None or not self.worker.busy:  # never move a row being written
+        if not self._in_flight:  # never move a row being written
             self._compact()
+
+    @property
+    def _in_flight(self) -> Request | None:
+        """The request whose prompt the worker is running, if any."""
+        return self.worker.job[0] if self.worker is not None and self.worker.busy else None
 
     def _start_background(self, req: Request) -> None:
         if req.prefilled == 0 and self.prefix is not None:

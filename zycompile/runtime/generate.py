@@ -118,6 +118,13 @@ class Generator:
         logits = self.model(input_ids=input_ids, **kwargs).logits
         return logits[rows, last].float()
 
+    def step_key(self, batch: int, tokens: int, whole_rows: bool = True) -> tuple:
+        """The key of ``step``'s graph for these shapes (in ``seen_shapes`` once it is compiled): batch,
+        tokens ("dyn" for the symbolic-length prefill), whether it runs rows 0..B-1, and the intra-op
+        thread count (Dynamo guards on it: another count is another graph)."""
+        width = "dyn" if self.dynamic_prefill and tokens > 1 else tokens
+        return batch, width, whole_rows, torch.get_num_threads()
+
     def step(
         self,
         input_ids: torch.Tensor,
@@ -128,12 +135,7 @@ class Generator:
     ) -> torch.Tensor:
         """Logits after token ``last[b]`` of each row; ``rows`` picks cache rows (default 0..B-1), ``keys``
         the slots attended over (``prefill_keys``; default all)."""
-        key = (
-            input_ids.shape[0],
-            "dyn" if self.dynamic_prefill and input_ids.shape[1] > 1 else input_ids.shape[1],
-            rows is None,
-            torch.get_num_threads(),  # Dynamo guards on it: another count is another graph
-        )
+        key = self.step_key(input_ids.shape[0], input_ids.shape[1], rows is None)
         first = key not in self.seen_shapes
         if first:
             self.seen_shapes.add(key)

@@ -13,8 +13,8 @@ same on another machine.
 
 Each side gets its own compiled graphs: Dynamo guards on ``torch.get_num_threads()`` and Inductor's CPU
 kernels bake the thread count in, so the decode graphs at ``decode_threads`` and the prefill graph at
-``prefill_threads`` are compiled once each (``warm``) beside the full-width ones, and a step that may
-compile runs alone (compile_gate.py). The compiled kernels release the GIL in their GEMMs and
+``prefill_threads`` are compiled once each beside the full-width ones: by ``warm`` before a timed run,
+else on first use, and a step that may compile runs alone (compile_gate.py). The compiled kernels release the GIL in their GEMMs and
 attention; the two threads write different cache slots (the prefilling row's decode entry goes to a
 position the prefill does not write: ``Engine._idle_pos``), Inductor scatters K/V into the cache in
 place (AOTAutograd alone would write whole cache tensors back, so other backends are refused), and
@@ -24,14 +24,13 @@ have their own rows), sharded caches or accelerators.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from zycompile.errors import RecipeError
+from zycompile.intraop import init_thread, threads
 from zycompile.runtime.generate import Generator
 
 
@@ -63,32 +62,13 @@ def why_not(gen: Generator) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` intra-op threads on this thread, then restore the count."""
-    before = torch.get_num_threads()
-    if n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _init_thread(n: int) -> None:
-    torch.get_num_threads()  # ATen's lazy per-thread init first, or its first op would reset the count
-    torch.set_num_threads(n)
-
-
 class PrefillWorker:
     """One background thread running whole prompts into cache rows; one job at a time."""
 
     def __init__(self, gen: Generator, prefill_threads: int):
         self.gen, self.threads = gen, prefill_threads
         self.pool = ThreadPoolExecutor(
-            1, thread_name_prefix="zycompile-prefill", initializer=_init_thread, initargs=(prefill_threads,)
+            1, thread_name_prefix="zycompile-prefill", initializer=init_thread, initargs=(prefill_threads,)
         )
         self.job: tuple[Any, Future] | None = None  # (request, its logits)
 
@@ -130,9 +110,9 @@ class PrefillWorker:
 
 
 def warm(gen: Generator, top_batch: int) -> None:
-    """Compile the overlap's graphs before any runs side by side: the prefill graph(s) on the worker's
-    thread, and the decode graphs up to ``top_batch`` at the decode side's thread count. Cheap once
-    compiled (a few short steps); writes cache row 0."""
+    """Compile the overlap's graphs before a timed run (the engine would compile them on first use): the
+    prefill graph(s) on the worker's thread, and the decode graphs up to ``top_batch`` at the decode
+    side's thread count. Cheap once compiled (a few short steps); writes cache row 0."""
     split = overlap_threads(gen)
     if split is None or top_batch < 2:
         return

@@ -282,8 +282,7 @@ class Speculator:
             draft, q = (None, None) if keep == 0 else (draft[:, :keep], None if q is None else q[:, :keep])
         t0 = time.perf_counter()
         if draft is None:  # nothing worth verifying: a plain decode step (its graph already exists)
-            key = (len(ctx), 1, True, torch.get_num_threads())  # Generator.step's shape key
-            timed = key in gen.seen_shapes  # not its first (compiling) call
+            timed = gen.step_key(len(ctx), 1) in gen.seen_shapes  # not its first (compiling) call
             logits = gen.step(pending[:, None].to(dev), pos[:, None].to(dev), torch.zeros_like(pos).to(dev))
             nxt = sample(logits, params, generators)
             n = torch.zeros_like(nxt)

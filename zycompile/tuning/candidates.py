@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from zycompile.intraop import init_thread
 from zycompile.ops import mkl_packed
 
 DEFAULT = "aten"
@@ -127,18 +128,15 @@ _POOL: tuple[int, ThreadPoolExecutor] | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _single_thread() -> None:
-    torch.get_num_threads()  # ATen's lazy per-thread init first, or it would undo the next line
-    torch.set_num_threads(1)
-
-
 def _split_pool() -> tuple[int, ThreadPoolExecutor]:
     """One single-threaded worker per intra-op thread of this process (created once)."""
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
             n = torch.get_num_threads()
-            pool = ThreadPoolExecutor(n, thread_name_prefix="zy-split-n", initializer=_single_thread)
+            pool = ThreadPoolExecutor(
+                n, thread_name_prefix="zy-split-n", initializer=init_thread, initargs=(1,)
+            )
             barrier = threading.Barrier(n)
             list(pool.map(lambda _: barrier.wait(), range(n)))  # start all n workers now
             torch.set_num_threads(n)  # set_num_threads(1) also lowered the default new threads read
