@@ -1,5 +1,6 @@
-"""small_gemm: small-M linears become the C++ small_linear kernel or fused per-row reductions; same
-tokens, prefill GEMMs untouched, a clear note when the kernel cannot be built."""
+"""small_gemm: small-M linears become a C++ kernel (panel_linear by default, small_linear with
+``kernel: rows``) or fused per-row reductions; same tokens, prefill GEMMs untouched, a clear note when
+the kernels cannot be built."""
 
 from __future__ import annotations
 
@@ -89,20 +90,24 @@ def _targets(gm):
     return {n.target for n in gm.graph.nodes if n.op == "call_function"}
 
 
-def test_kernel_auto_calls_the_cpp_kernel_reduction_and_export_do_not():
+def test_kernel_auto_calls_the_panel_kernel_rows_the_row_major_one_reduction_and_export_neither():
     from zycompile.ops import cpu_kernels
 
     if cpu_kernels.build() is not None:
         pytest.skip("C++ kernels unavailable")
-    kernel = torch.ops.zycompile_cpu.small_linear.default
+    panel, rows = torch.ops.zycompile_cpu.panel_linear.default, torch.ops.zycompile_cpu.small_linear.default
     for opts, exporting, want in [
-        ({}, False, True),
-        ({"kernel": "reduction"}, False, False),
-        ({}, True, False),
+        ({}, False, panel),
+        ({"kernel": "rows"}, False, rows),
+        ({"kernel": "reduction"}, False, None),
+        ({}, True, None),
     ]:
         lin, gm, x = _linear_graph()
         result = _run_pass(gm, exporting, **opts)
-        assert result.matches == 1 and (kernel in _targets(gm)) == want, (opts, exporting)
+        kernels = _targets(gm) & {panel, rows}
+        assert result.matches == 1 and kernels == ({want} if want else set()), (opts, exporting)
+        copies = [n for n in result.notes if n.startswith("panel-packed weight copies")]
+        assert bool(copies) == (want is panel), result.notes
         with torch.no_grad():
             torch.testing.assert_close(gm(x), lin(x), rtol=1e-5, atol=1e-5)
 
@@ -115,7 +120,7 @@ def test_unbuildable_kernel_falls_back_to_reductions_with_a_note(monkeypatch):
     result = _run_pass(gm)
     assert result.matches == 1 and torch.sum in _targets(gm)
     assert result.notes == [
-        "C++ small_linear kernel unavailable (Ninja is required to load C++ extensions); "
+        "C++ small-GEMM kernels unavailable (Ninja is required to load C++ extensions); "
         "using Inductor reductions"
     ]
     with torch.no_grad():

@@ -63,7 +63,7 @@ def test_candidates_time_and_a_wrong_one_is_discarded():
     assert cands[0].name == DEFAULT and {"onednn", "onednn_packed", "inductor_cpp"} <= names
     assert ("mkl_packed" in names) == (mkl_packed.build() is None)
     assert ("split_n" in names) == (torch.get_num_threads() > 1)
-    assert ("small_linear" in names) == (cpu_kernels.build() is None)
+    assert ("small_linear" in names) == ("panel_linear" in names) == (cpu_kernels.build() is None)
     cands = [c for c in cands if c.name != "inductor_cpp"]  # compiled and checked in its own test below
     timings = time_candidates(shape, [*cands, wrong], FAST)
     assert [t.candidate for t in timings] == [c.name for c in cands] + ["wrong"]
@@ -72,7 +72,7 @@ def test_candidates_time_and_a_wrong_one_is_discarded():
 
 
 def test_candidates_are_timed_the_way_the_compiled_graph_calls_them(monkeypatch):
-    """The default and small_linear run as direct ops; every other CPU candidate through the
+    """The default and the small-GEMM kernels run as direct ops; every other CPU candidate through the
     ``tuned_linear`` op tuned_gemm swaps in (its dispatch is part of the cost), with a plan of its
     own per candidate that is dropped afterwards."""
     from zycompile.ops import tuned_linear as tl
@@ -89,7 +89,8 @@ def test_candidates_are_timed_the_way_the_compiled_graph_calls_them(monkeypatch)
     monkeypatch.setattr(tl, "tuned_linear", spy)
     plans_before = set(tl.PLANS)
     packed = ["mkl_packed"] if mkl_packed.build() is None else []
-    names = [DEFAULT, *packed, "onednn"] + (["small_linear"] if cpu_kernels.build() is None else [])
+    kernels = ["small_linear", "panel_linear"] if cpu_kernels.build() is None else []
+    names = [DEFAULT, *packed, "onednn", *kernels]
     timings = time_candidates(shape, [CANDIDATES[n] for n in names], FAST)
     assert all(t.ms is not None for t in timings)
     assert set(through_op) == {*packed, "onednn"}  # each candidate ran in its own plan
@@ -432,21 +433,22 @@ def test_an_untuned_m_borrows_the_nearest_tuned_m_any_m_winner(tmp_path):
 
 
 @pytest.mark.skipif(cpu_kernels.build() is not None, reason="C++ kernels unavailable")
-def test_small_linear_winners_are_left_to_small_gemm_and_tokens_stay_the_same(tmp_path):
+@pytest.mark.parametrize("winner", ["small_linear", "panel_linear"])
+def test_small_gemm_kernel_winners_are_left_to_small_gemm_and_tokens_stay_the_same(tmp_path, winner):
     prompts = [[1, 5, 9, 13, 2, 7, 3], [4, 4, 8]]
     base = ["canonicalize_attention", "fuse_projections"]
     want = zycompile.optimize(load_model("tiny:llama").model, recipe(passes=base)).generate(
         prompts, max_new_tokens=5
     )
     model = load_model("tiny:llama").model
-    path = forced_db(collect(recipe(passes=base), model), "small_linear").save(tmp_path / "db.yaml")
+    path = forced_db(collect(recipe(passes=base), model), winner).save(tmp_path / "db.yaml")
     passes = [*base, {"name": "tuned_gemm", "db": str(path)}, "small_gemm"]
     opt = zycompile.optimize(model, load_recipe({**TINY, "passes": passes}))
     assert opt.generate(prompts, max_new_tokens=5).tokens == want.tokens
     records = opt.compile_report().passes
     tuned = [r for r in records if r.name == "tuned_gemm"]
     small = [r for r in records if r.name == "small_gemm"]
-    # decode graphs (M = 1, 2; 9 linears): small_linear won, so small_gemm writes the kernel call itself
+    # decode graphs (M = 1, 2; 9 linears): a small-GEMM kernel won, so small_gemm writes its kernel call
     # instead of tuned_gemm's dispatch op; prefill GEMMs (M >= 16) are swapped as usual
     decode = [t for t, sm in zip(tuned, small) if sm.matches == 9]
     assert decode and all(t.matches == 0 and "left to small gemm 9" in t.notes[0] for t in decode)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / n for n in ("decode_attention.cpp", "small_linear.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / n for n in ("decode_attention.cpp", "small_linear.cpp", "panel_linear.cpp")]
 
 _ISA_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],
@@ -63,9 +63,10 @@ SMALL_LINEAR_MAX_M = 16
 
 @functools.cache  # once per process: a rebuild after ``build.cache_clear`` must not register again
 def _register_fakes() -> None:
-    """Shapes for tracing: ``small_linear`` goes into compiled graphs as it is."""
+    """Shapes for tracing."""
 
-    def small_linear(x, w, bias=None):
+    def linear(x, w, bias=None):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    torch.library.register_fake("zycompile_cpu::small_linear", small_linear)
+    for name in ("small_linear", "panel_linear"):  # both go into compiled graphs as they are
+        torch.library.register_fake(f"zycompile_cpu::{name}", linear)

@@ -1,9 +1,12 @@
 """Turn small-M linears (decode steps, speculative verify) into weight-streaming kernels.
 
-``kernel: auto`` (the default) calls zycompile's C++ kernel ``zycompile_cpu::small_linear``
-(``ops/csrc/small_linear.cpp``) for fp32 graphs where it builds: it reads each weight row once for all
-M rows with MT x NT register tiles, and on the 2-core Xeon runs the SmolLM2 decode GEMMs at M = 1/4/8 in
-26/36/38 ms against BLAS's 28/72/80 ms (``python bench/small_linear.py``). Exported packages, other
+``kernel: auto`` (the default) calls zycompile's C++ kernel ``zycompile_cpu::panel_linear``
+(``ops/csrc/panel_linear.cpp``) for fp32 graphs where it builds: it packs each weight once into
+k-major panels of output columns (a second copy of the weight, made on the first call) so every thread
+reads one contiguous stream, and feeds each weight vector to all M rows. On the 2-vCPU Zen 4 EPYC it
+runs SmolLM2's decode GEMMs at M = 1/4/8 in 22.5/21.1/19.8 ms against the row-major kernel's
+25.3/28.3/31.6 (``python bench/small_linear.py``). ``kernel: rows`` keeps that row-major kernel
+(``zycompile_cpu::small_linear``: no copy, reads w as the model holds it). Exported packages, other
 dtypes, ``kernel: reduction`` and a failed build (said once in the notes) get the reductions below.
 
 A decode step multiplies a few rows (M = batch x tokens, 1-8) by every weight: it is a pure weight
@@ -44,7 +47,7 @@ from zycompile.passes.base import GraphPass, PassResult, arg, meta_val
 from zycompile.passes.fuse_projections import LINEAR
 from zycompile.passes.fx_util import propagate_meta
 
-KERNELS = ("auto", "reduction")
+KERNELS = ("auto", "rows", "reduction")
 MAX_KERNEL_M = cpu_kernels.SMALL_LINEAR_MAX_M
 
 
@@ -58,7 +61,8 @@ class SmallGemmPass(GraphPass):
     class Options:
         max_m: int = 8  # largest rows x tokens rewritten (measured on this CPU: M=8 ties BLAS)
         device: str = "cpu"  # only graphs on this device type (GPU GEMV kernels are already fine)
-        kernel: str = "auto"  # "auto": the C++ kernel for fp32 where it builds; "reduction": Inductor's
+        kernel: str = "auto"  # "auto": the C++ panel kernel for fp32 where it builds; "rows": the row-major
+        # C++ kernel (no weight copy); "reduction": Inductor's
 
         def check(self):
             if self.kernel not in KERNELS:
@@ -67,7 +71,7 @@ class SmallGemmPass(GraphPass):
                 yield "max_m", f"got {self.max_m!r}; expected 1..{MAX_KERNEL_M}"
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        matches, notes = 0, []
+        matches, notes, copies = 0, [], 0
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in LINEAR:
                 continue
@@ -82,36 +86,44 @@ class SmallGemmPass(GraphPass):
             if w.stride() != (w.shape[1], 1):
                 notes.append(f"{node.name}: weight is not row-major [N, K] (K-major layout?); kept as GEMM")
                 continue
-            self._rewrite(gm, node, m, kernel=self._use_kernel(w, notes))
+            kernel = self._kernel(w, notes)
+            self._rewrite(gm, node, m, kernel)
+            if kernel == "panel_linear":
+                copies += _panel_bytes(w)
             matches += 1
+        if copies:
+            notes.append(f"panel-packed weight copies: {copies / 2**20:.1f} MB (made on the first call)")
         if matches:
             gm.graph.lint()
             gm.recompile()
         return PassResult(modified=matches > 0, matches=matches, notes=notes)
 
-    def _use_kernel(self, w: torch.Tensor, notes: list[str]) -> bool:
+    def _kernel(self, w: torch.Tensor, notes: list[str]) -> str | None:
+        """The ``zycompile_cpu`` op to call, or None for Inductor's reductions."""
         if (
-            self.opts.kernel != "auto"
+            self.opts.kernel == "reduction"
             or self.ctx.exporting
             or w.dtype != torch.float32
             or w.device.type != "cpu"
         ):
-            return False  # a package must not need our extension where it is loaded
+            return None  # a package must not need our extension where it is loaded
         why = cpu_kernels.build()
-        if why is not None and not any(n.startswith("C++ small_linear") for n in notes):
-            notes.append(f"C++ small_linear kernel unavailable ({why}); using Inductor reductions")
-        return why is None
+        if why is not None:
+            if not any(n.startswith("C++ small-GEMM kernels") for n in notes):
+                notes.append(f"C++ small-GEMM kernels unavailable ({why}); using Inductor reductions")
+            return None
+        return "panel_linear" if self.opts.kernel == "auto" else "small_linear"
 
     @staticmethod
-    def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, m: int, kernel: bool) -> None:
+    def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, m: int, kernel: str | None) -> None:
         g = gm.graph
         x, w, b = node.args[0], arg(node, 1, "weight"), arg(node, 2, "bias")
         lead = tuple(meta_val(x).shape[:-1])
         k, n = meta_val(w).shape[1], meta_val(w).shape[0]
         with g.inserting_before(node):
             x2 = _call(g, torch.reshape, (x, (m, k)))
-            if kernel:
-                out = _call(g, torch.ops.zycompile_cpu.small_linear.default, (x2, w, b))
+            if kernel is not None:
+                out = _call(g, getattr(torch.ops.zycompile_cpu, kernel).default, (x2, w, b))
             else:
                 rows = []
                 for i in range(m):  # one reduction per row; Inductor fuses them and loads w once
@@ -123,6 +135,11 @@ class SmallGemmPass(GraphPass):
             out = _call(g, torch.reshape, (out, (*lead, n)))
         node.replace_all_uses_with(out)
         g.erase_node(node)
+
+
+def _panel_bytes(w: torch.Tensor) -> int:
+    """The panel copy's size: rows padded to whole panels (at most 32 columns each)."""
+    return -(-w.shape[0] // 32) * 32 * w.shape[1] * w.element_size()
 
 
 def _call(g: torch.fx.Graph, target, args) -> torch.fx.Node:

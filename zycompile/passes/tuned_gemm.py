@@ -52,6 +52,7 @@ _LOADED: dict[tuple[str, float], tdb.TuningDB] = {}
 _HANDED: dict[str, str | None] = {}  # database file -> what hand_back did with its TunableOp solutions
 _SKIPPED: set[tuple[str, float]] = set()  # shipped files whose validators do not match this machine
 NEAREST_RATIO = 2.0  # an untuned static M borrows a tuned M's choice at most this far off
+SMALL_GEMM_KERNELS = {"small_linear", "panel_linear"}  # the C++ kernels the small_gemm pass emits
 
 
 def resolve_db(opts, device: torch.device) -> tdb.TuningDB | None:
@@ -176,8 +177,9 @@ class TunedGemmPass(GraphPass):
             if all(name == DEFAULT for name in table.values()):
                 counts["default_fastest"] += 1
                 continue
-            if set(table.values()) == {"small_linear"} and self._small_gemm_takes(site.m):
-                counts["left_to_small_gemm"] += 1  # it calls the same kernel, without our dispatch op
+            if set(table.values()) <= SMALL_GEMM_KERNELS and self._small_gemm_takes(site.m):
+                # a small-GEMM kernel won: small_gemm's own kernel serves it, without our dispatch op
+                counts["left_to_small_gemm"] += 1
                 continue
             pid = plan_for(site.weight)
             plan = PLANS[pid]
@@ -216,10 +218,14 @@ class TunedGemmPass(GraphPass):
         return PassResult(modified=counts["swapped"] > 0, matches=counts["swapped"], notes=notes)
 
     def _small_gemm_takes(self, m: int | None) -> bool:
-        """Whether the recipe's ``small_gemm`` (later in the graph) writes this static M as the kernel."""
+        """Whether the recipe's ``small_gemm`` (later in the graph) writes this static M as one of its C++
+        kernels (the one its ``kernel`` option names: ``auto`` = panel_linear, ``rows`` = small_linear)."""
         spec = next((p for p in self.ctx.recipe.passes if p.name == "small_gemm"), None)
         return (
-            m is not None and spec is not None and spec.options.kernel == "auto" and m <= spec.options.max_m
+            m is not None
+            and spec is not None
+            and spec.options.kernel in ("auto", "rows")
+            and m <= spec.options.max_m
         )
 
     def _table(self, db, shape, m) -> dict[int, str]:

@@ -3,7 +3,7 @@
 For one shape: enough (x, weight, bias) buffer sets to span ``rotate_bytes`` (64 MiB, about 2x this
 CPU's 36 MiB L3), cycled so no call finds its operands in cache (a decode step streams its weights from
 memory too). Each candidate is called the way a compiled graph calls it (``graph_calls``): the default
-and ``small_linear`` (which the ``small_gemm`` pass emits) as direct ops, every other candidate through
+and ``small_linear`` / ``panel_linear`` (which the ``small_gemm`` pass emits) as direct ops, every other candidate through
 the ``zycompile::tuned_linear`` op that ``tuned_gemm`` swaps in, whose Python dispatch costs ~20-40 µs a
 call on this CPU. Timing the bare function instead picked packed BLAS for SmolLM2's batch-8 decode
 GEMMs by ~10% per shape, with 16 sets (21 MB, inside L3) of its small weights; end to end its step was
@@ -131,7 +131,7 @@ def graph_calls(c: Candidate, m: int, device, buffers, states) -> list[Callable[
     """One call per buffer set, made as a compiled graph calls candidate ``c`` at ``m`` rows on ``device``."""
     from zycompile.ops.cpu_kernels import SMALL_LINEAR_MAX_M
 
-    direct = c.name == DEFAULT or (c.name == "small_linear" and m <= SMALL_LINEAR_MAX_M)
+    direct = c.name == DEFAULT or (c.name in ("small_linear", "panel_linear") and m <= SMALL_LINEAR_MAX_M)
     if direct or torch.device(device).type != "cpu":  # (GPU dispatch hides behind the kernel's queue)
         return [lambda x=x, s=s, b=b: c.run(x, s, b) for (x, _, b), s in zip(buffers, states)]
     from zycompile.ops import tuned_linear as tl

@@ -10,8 +10,9 @@ CPU candidates (fp32/bf16): ``aten_relayout`` (the other weight layout, row-majo
 inner product on the plain weight), ``onednn_packed`` (oneDNN on a weight reordered to its blocked
 format once), ``inductor_cpp`` (Inductor's C++ GEMM template, compiled per weight and M with the weight
 frozen in; static M only), ``split_n`` (the weight's rows split into one block per thread, each
-multiplied by single-threaded BLAS on its own worker) and ``small_linear`` (zycompile's C++ kernel for
-up to 16 rows, ``ops/csrc/small_linear.cpp``; more rows run the default). GPU candidates (CUDA/ROCm): ``aten`` (cuBLAS/hipBLASLt through ``F.linear``) against a
+multiplied by single-threaded BLAS on its own worker), ``small_linear`` (zycompile's C++ kernel for
+up to 16 rows, ``ops/csrc/small_linear.cpp``; more rows run the default) and ``panel_linear`` (its
+kernel over a panel-packed copy of the weight, any M, ``ops/csrc/panel_linear.cpp``). GPU candidates (CUDA/ROCm): ``aten`` (cuBLAS/hipBLASLt through ``F.linear``) against a
 sweep of Triton tile configs ``triton_<BM>x<BN>x<BK>_s<SPLIT_K>`` (``ops/triton_matmul.py``), split-K
 ones for skinny decode GEMMs.
 """
@@ -178,6 +179,10 @@ def _small_linear_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and cpu_kernels.build() is None
 
 
+def _panel_linear_run(x, w, b):
+    return torch.ops.zycompile_cpu.panel_linear.default(x, w, b)
+
+
 def _small_linear_run(x, w, b):
     from zycompile.ops.cpu_kernels import SMALL_LINEAR_MAX_M
 
@@ -241,6 +246,10 @@ CANDIDATES: dict[str, Candidate] = {
         ),
         Candidate(
             "small_linear", lambda w, m: w, _small_linear_run, copies_weight=False, available=_small_linear_ok
+        ),
+        # the op keeps its panel-packed copy itself (made on the first call with a weight)
+        Candidate(
+            "panel_linear", lambda w, m: w, _panel_linear_run, copies_weight=True, available=_small_linear_ok
         ),
     ]
 }

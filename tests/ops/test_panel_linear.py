@@ -1,0 +1,83 @@
+"""zycompile_cpu::panel_linear (csrc/panel_linear.cpp): y = x @ w.T + b over a panel-packed copy of w
+that the op makes and keeps itself. Against F.linear over the panel and row-block tails; the copy
+follows the weight (an in-place write, a freed weight, another weight at the same address); inference
+tensors take the row-major kernel; bad inputs get one clear error."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zycompile.ops import cpu_kernels
+
+pytestmark = pytest.mark.skipif(cpu_kernels.build() is not None, reason="C++ kernels unavailable")
+
+
+def op(*args):
+    return torch.ops.zycompile_cpu.panel_linear.default(*args)
+
+
+def cache_bytes() -> int:
+    return torch.ops.zycompile_cpu.panel_cache_bytes.default()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 21])
+@pytest.mark.parametrize("n,k", [(576, 576), (130, 64), (7, 40), (1, 577), (33, 16)])
+def test_matches_linear(m, n, k):
+    torch.manual_seed(m * 1000 + n + k)
+    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
+    torch.testing.assert_close(op(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(op(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_strided_inputs_and_big_n_split_over_threads():
+    torch.manual_seed(0)
+    x = torch.randn(6, 2 * 576)[:, 100:676]  # rows 1152 floats apart
+    w = torch.randn(49152 // 8, 576)
+    torch.testing.assert_close(op(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    wt = torch.randn(576, 300).t()  # a K-major weight packs the same
+    torch.testing.assert_close(op(x, wt), F.linear(x, wt), rtol=1e-5, atol=1e-4)
+
+
+def test_the_copy_follows_the_weight():
+    torch.manual_seed(1)
+    x = torch.randn(3, 48)
+    w = torch.randn(100, 48)
+    before = op(x, w)
+    with torch.no_grad():
+        w.mul_(2)  # in place: the version counter moves, the copy is packed again
+    torch.testing.assert_close(op(x, w), 2 * before, rtol=1e-5, atol=1e-4)
+    w.data = torch.randn(100, 48)  # another storage under the same tensor
+    torch.testing.assert_close(op(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    held = cache_bytes()
+    assert held >= 128 * 48 * 4  # 100 rows padded to whole panels
+    del w
+    gc.collect()
+    other = torch.randn(100, 48)  # may reuse the freed memory: must not reuse the freed weight's copy
+    torch.testing.assert_close(op(x, other), F.linear(x, other), rtol=1e-5, atol=1e-4)
+    assert cache_bytes() <= held  # the freed weight's copy was dropped when the next one was made
+
+
+def test_inference_tensors_take_the_row_major_kernel():
+    x = torch.randn(2, 32)
+    with torch.inference_mode():
+        w = torch.randn(40, 32)
+        before = cache_bytes()
+        torch.testing.assert_close(op(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+        w.mul_(3)  # no version counter: a kept copy would now be stale
+        torch.testing.assert_close(op(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert cache_bytes() == before
+
+
+def test_empty_and_bad_inputs():
+    w = torch.randn(8, 16)
+    assert op(torch.randn(0, 16), w).shape == (0, 8)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        op(torch.randn(2, 16).bfloat16(), w.bfloat16())
+    with pytest.raises(RuntimeError, match=r"x \[M, K\] and w \[N, K\] expected"):
+        op(torch.randn(2, 15), w)
+    with pytest.raises(RuntimeError, match=r"bias must be fp32 \[N\]"):
+        op(torch.randn(2, 16), w, torch.randn(7))
