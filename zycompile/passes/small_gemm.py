@@ -26,9 +26,10 @@ After::
     r0 = sum(mul(w, x2[0]), -1) ... r{M-1} = sum(mul(w, x2[M-1]), -1)   # [N] each, fused
     out = stack([r0, ..., r{M-1}]).reshape(B, T, N) + b
 
-Only graphs with a static M are rewritten (symbolic-length prefill keeps its GEMM). Weights must be
-row-major ``[N, K]`` (the layout HF loads): a K-major weight (``weight_layout``) would be read
-across rows, so such linears are left alone with a note. Summation order differs from BLAS, so
+Only graphs with a static M are rewritten (symbolic-length prefill keeps its GEMM). The panel kernel
+packs any weight layout; the row-major kernel and the reductions need row-major ``[N, K]`` weights (the
+layout HF loads): a K-major weight (``weight_layout``) would be read across rows, so with them such
+linears are left alone with a note. Summation order differs from BLAS, so
 results match to float rounding, not bit for bit.
 """
 
@@ -83,10 +84,10 @@ class SmallGemmPass(GraphPass):
             m = math.prod(x.shape[:-1])
             if m > self.opts.max_m or m == 0:
                 continue
-            if w.stride() != (w.shape[1], 1):
+            kernel = self._kernel(w, notes)
+            if kernel != "panel_linear" and w.stride() != (w.shape[1], 1):  # the panel copy takes any layout
                 notes.append(f"{node.name}: weight is not row-major [N, K] (K-major layout?); kept as GEMM")
                 continue
-            kernel = self._kernel(w, notes)
             self._rewrite(gm, node, m, kernel)
             if kernel == "panel_linear":
                 copies += _panel_bytes(w)
