@@ -1,5 +1,5 @@
 """zycompile_cpu::panel_linear (csrc/panel_linear.cpp): y = x @ w.T + b over a panel-packed copy of w
-that the op makes and keeps itself. Against F.linear over the panel and row-block tails; the copy
+that the op makes and keeps itself. Against F.linear past 16 rows and on strided inputs; the copy
 follows the weight (an in-place write, a freed weight, another weight at the same address); inference
 tensors take the row-major kernel; bad inputs get one clear error."""
 
@@ -24,13 +24,11 @@ def cache_bytes() -> int:
     return torch.ops.zycompile_cpu.panel_cache_bytes.default()
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 16, 21])
-@pytest.mark.parametrize("n,k", [(576, 576), (130, 64), (7, 40), (1, 577), (33, 16)])
-def test_matches_linear(m, n, k):
-    torch.manual_seed(m * 1000 + n + k)
-    x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
-    torch.testing.assert_close(op(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(op(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+def test_any_row_count():  # the row-count sweep against F.linear is in test_small_linear.py
+    torch.manual_seed(3)
+    for m in (17, 21, 40):  # full 8-row blocks then a remainder
+        x, w, b = torch.randn(m, 70), torch.randn(45, 70), torch.randn(45)
+        torch.testing.assert_close(op(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
 def test_strided_inputs_and_big_n_split_over_threads():

@@ -16,13 +16,15 @@ def op(*args):
     return torch.ops.zycompile_cpu.small_linear.default(*args)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 13, 16])
-@pytest.mark.parametrize("n,k", [(576, 576), (130, 64), (7, 40), (1, 577), (4, 16)])
-def test_matches_linear(m, n, k):
+@pytest.mark.parametrize("kernel", ["small_linear", "panel_linear"])  # (panel_linear: test_panel_linear.py)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 8, 9, 13, 16])
+@pytest.mark.parametrize("n,k", [(576, 576), (130, 64), (7, 40), (1, 577), (4, 16), (33, 16)])
+def test_matches_linear(kernel, m, n, k):
     torch.manual_seed(m * 1000 + n + k)
+    fn = getattr(torch.ops.zycompile_cpu, kernel).default
     x, w, b = torch.randn(m, k), torch.randn(n, k), torch.randn(n)
-    torch.testing.assert_close(op(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(op(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fn(x, w), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(fn(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
 def test_strided_rows_and_big_n_split_over_threads():
