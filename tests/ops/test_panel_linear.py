@@ -79,3 +79,18 @@ def test_empty_and_bad_inputs():
         op(torch.randn(2, 15), w)
     with pytest.raises(RuntimeError, match=r"bias must be fp32 \[N\]"):
         op(torch.randn(2, 16), w, torch.randn(7))
+
+
+def test_views_at_one_address_keep_a_copy_each():
+    """A fused q/k/v weight and its q part start at the same address: each keeps its own copy."""
+    torch.manual_seed(2)
+    fused = torch.randn(96, 40)
+    q = fused[:64]
+    x = torch.randn(2, 40)
+    op(x, fused), op(x, q)
+    held = cache_bytes()
+    assert held >= (96 + 64) * 40 * 4  # both copies
+    for _ in range(3):  # no re-packing: the cache holds the same two copies
+        torch.testing.assert_close(op(x, fused), F.linear(x, fused), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(op(x, q), F.linear(x, q), rtol=1e-5, atol=1e-4)
+    assert cache_bytes() == held

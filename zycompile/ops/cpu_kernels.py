@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name("csrc") / n for n in ("decode_attention.cpp", "small_linear.cpp", "panel_linear.cpp")]
+SOURCES = [
+    Path(__file__).with_name("csrc") / n
+    for n in ("decode_attention.cpp", "small_linear.cpp", "panel_linear.cpp")
+]
 
 _ISA_FLAGS = {
     "AVX512": ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"],

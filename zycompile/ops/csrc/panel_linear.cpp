@@ -10,9 +10,9 @@
 // cold: M = 1 / 4 / 8 in 22.5 / 21.1 / 19.8 ms against small_linear's 25.3 / 28.3 / 31.6
 // (bench/small_linear.py).
 //
-// The packed copy is made on the first call with a weight and kept in a cache keyed by the weight's
-// storage (held weakly: while an entry exists no other storage can take its identity), offset,
-// geometry and version counter, so a freed, replaced or in-place-written weight is packed again and
+// The packed copy is made on the first call with a weight and kept in a cache checked against the
+// weight's storage (held weakly: while an entry exists no other storage can take its identity),
+// offset, geometry and version counter, so a freed, replaced or in-place-written weight is packed again and
 // entries of freed weights are dropped. Inference tensors have no version counter: for them the op
 // computes with small_linear's row-major loop instead of a copy it could not keep in sync.
 #include <ATen/ATen.h>
@@ -21,8 +21,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
 #include <mutex>
-#include <unordered_map>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -84,19 +85,23 @@ struct Entry {
   }
 };
 
+// Keyed by address and shape: views that start at the same address (a fused q/k/v weight and its
+// q part) get an entry each instead of re-packing each other's copy on every call.
+using Key = std::tuple<const void*, int64_t, int64_t>;
 std::mutex cache_mutex;
-std::unordered_map<const void*, Entry> cache;  // weight data pointer -> its packed copy
+std::map<Key, Entry> cache;
 
 at::Tensor packed_for(const at::Tensor& w) {
   std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = cache.find(w.data_ptr());
+  const Key key{w.data_ptr(), w.size(0), w.size(1)};
+  auto it = cache.find(key);
   if (it != cache.end() && it->second.serves(w)) return it->second.packed;
   for (auto e = cache.begin(); e != cache.end();)  // drop the copies of freed weights
     e = e->second.storage.expired() ? cache.erase(e) : std::next(e);
   Entry entry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()), w.storage_offset(),
               w._version(), w.sizes().vec(), w.strides().vec(), pack(w)};
   at::Tensor packed = entry.packed;
-  cache.insert_or_assign(w.data_ptr(), std::move(entry));
+  cache.insert_or_assign(key, std::move(entry));
   return packed;
 }
 
