@@ -453,6 +453,10 @@ def test_small_gemm_kernel_winners_are_left_to_small_gemm_and_tokens_stay_the_sa
     decode = [t for t, sm in zip(tuned, small) if sm.matches == 9]
     assert decode and all(t.matches == 0 and "left to small gemm 9" in t.notes[0] for t in decode)
     assert any(t.matches > 0 for t in tuned)
+    notes = [n for t in tuned for n in t.notes]
+    # the panel kernel's copy is the op's own, shared with small_gemm's: reported apart from the others
+    assert any(n.startswith("panel-packed weight copies") for n in notes) == (winner == "panel_linear")
+    assert not any(n.startswith("extra weight memory") for n in notes), notes
 
 
 def test_a_dynamic_m_packs_once_and_skips_per_m_candidates():

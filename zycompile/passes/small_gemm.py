@@ -93,7 +93,10 @@ class SmallGemmPass(GraphPass):
                 copies += _panel_bytes(w)
             matches += 1
         if copies:
-            notes.append(f"panel-packed weight copies: {copies / 2**20:.1f} MB (made on the first call)")
+            notes.append(
+                f"panel-packed weight copies: {copies / 1e6:.1f} MB (made on the first call; one per "
+                "weight, shared with tuned_gemm's)"
+            )
         if matches:
             gm.graph.lint()
             gm.recompile()

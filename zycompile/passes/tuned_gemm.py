@@ -154,7 +154,7 @@ class TunedGemmPass(GraphPass):
         self.nearest: list[str] = []
         used: dict[str, int] = {}
         missing: set[str] = set()
-        extra = 0
+        extra, panel = 0, {}
         for site in sites:
             shape = site.shape
             if shape is None:
@@ -189,7 +189,11 @@ class TunedGemmPass(GraphPass):
                 fresh = state_key(cand, m) not in plan.states
                 plan.state(cand, site.weight, m)  # build prepacked copies now, not in the first step
                 if fresh and cand.copies_weight:
-                    extra += site.weight.numel() * site.weight.element_size()
+                    nbytes = site.weight.numel() * site.weight.element_size()
+                    if name in SMALL_GEMM_KERNELS:  # the op's own copy, one per weight for every graph
+                        panel[pid] = nbytes
+                    else:
+                        extra += nbytes
                 used[name] = used.get(name, 0) + 1
             self._swap(gm, site.node, pid)
             counts["swapped"] += 1
@@ -202,6 +206,11 @@ class TunedGemmPass(GraphPass):
             notes.insert(1, "candidates: " + ", ".join(f"{k} x{v}" for k, v in sorted(used.items())))
         if extra:
             notes.insert(2, f"extra weight memory (prepacked/re-laid copies): {extra / 1e6:.1f} MB")
+        if panel:
+            notes.append(
+                f"panel-packed weight copies: {sum(panel.values()) / 1e6:.1f} MB (made on the first call; "
+                "one per weight, shared with small_gemm's)"
+            )
         if missing:
             notes.append("not in database: " + "; ".join(sorted(missing)[:8]))
         if self.nearest:
