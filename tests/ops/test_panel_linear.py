@@ -1,7 +1,7 @@
 """zycompile_cpu::panel_linear (csrc/panel_linear.cpp): y = x @ w.T + b over a panel-packed copy of w
 that the op makes and keeps itself. Against F.linear past 16 rows and on strided inputs; the copy
 follows the weight (an in-place write, a freed weight, another weight at the same address); inference
-tensors take the row-major kernel; bad inputs get one clear error."""
+tensors keep no copy; bad inputs get one clear error."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_the_copy_follows_the_weight():
     assert cache_bytes() <= held  # the freed weight's copy was dropped when the next one was made
 
 
-def test_inference_tensors_take_the_row_major_kernel():
+def test_inference_tensors_keep_no_copy():
     x = torch.randn(2, 32)
     with torch.inference_mode():
         w = torch.randn(40, 32)

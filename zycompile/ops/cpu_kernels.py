@@ -62,6 +62,8 @@ def load_extension(name: str, sources, cflags: list[str], ldflags: list[str] = (
 
 # The C++ kernel's row limit (csrc/small_linear.cpp MAX_M); callers route more rows elsewhere.
 SMALL_LINEAR_MAX_M = 16
+# The small-GEMM ops (``zycompile_cpu::<name>``) the small_gemm pass writes into graphs as direct calls.
+SMALL_GEMM_OPS = ("small_linear", "panel_linear")
 
 
 @functools.cache  # once per process: a rebuild after ``build.cache_clear`` must not register again
@@ -71,5 +73,5 @@ def _register_fakes() -> None:
     def linear(x, w, bias=None):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    for name in ("small_linear", "panel_linear"):  # both go into compiled graphs as they are
+    for name in SMALL_GEMM_OPS:  # they go into compiled graphs as they are
         torch.library.register_fake(f"zycompile_cpu::{name}", linear)

@@ -37,6 +37,7 @@ import torch
 import torch.fx
 
 from zycompile.errors import TuningDBError
+from zycompile.ops.cpu_kernels import SMALL_GEMM_OPS
 from zycompile.ops.tuned_linear import PLANS, plan_for
 from zycompile.passes import register_pass
 from zycompile.passes.base import GraphPass, PassResult
@@ -52,7 +53,6 @@ _LOADED: dict[tuple[str, float], tdb.TuningDB] = {}
 _HANDED: dict[str, str | None] = {}  # database file -> what hand_back did with its TunableOp solutions
 _SKIPPED: set[tuple[str, float]] = set()  # shipped files whose validators do not match this machine
 NEAREST_RATIO = 2.0  # an untuned static M borrows a tuned M's choice at most this far off
-SMALL_GEMM_KERNELS = {"small_linear", "panel_linear"}  # the C++ kernels the small_gemm pass emits
 
 
 def resolve_db(opts, device: torch.device) -> tdb.TuningDB | None:
@@ -177,7 +177,7 @@ class TunedGemmPass(GraphPass):
             if all(name == DEFAULT for name in table.values()):
                 counts["default_fastest"] += 1
                 continue
-            if set(table.values()) <= SMALL_GEMM_KERNELS and self._small_gemm_takes(site.m):
+            if set(table.values()) <= set(SMALL_GEMM_OPS) and self._small_gemm_takes(site.m):
                 # a small-GEMM kernel won: small_gemm's own kernel serves it, without our dispatch op
                 counts["left_to_small_gemm"] += 1
                 continue
@@ -190,7 +190,7 @@ class TunedGemmPass(GraphPass):
                 plan.state(cand, site.weight, m)  # build prepacked copies now, not in the first step
                 if fresh and cand.copies_weight:
                     nbytes = site.weight.numel() * site.weight.element_size()
-                    if name in SMALL_GEMM_KERNELS:  # the op's own copy, one per weight for every graph
+                    if name in SMALL_GEMM_OPS:  # the op's own copy, one per weight for every graph
                         panel[pid] = nbytes
                     else:
                         extra += nbytes

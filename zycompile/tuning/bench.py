@@ -129,9 +129,9 @@ def sync(x: torch.Tensor) -> None:
 
 def graph_calls(c: Candidate, m: int, device, buffers, states) -> list[Callable[[], torch.Tensor]]:
     """One call per buffer set, made as a compiled graph calls candidate ``c`` at ``m`` rows on ``device``."""
-    from zycompile.ops.cpu_kernels import SMALL_LINEAR_MAX_M
+    from zycompile.ops.cpu_kernels import SMALL_GEMM_OPS, SMALL_LINEAR_MAX_M
 
-    direct = c.name == DEFAULT or (c.name in ("small_linear", "panel_linear") and m <= SMALL_LINEAR_MAX_M)
+    direct = c.name == DEFAULT or (c.name in SMALL_GEMM_OPS and m <= SMALL_LINEAR_MAX_M)
     if direct or torch.device(device).type != "cpu":  # (GPU dispatch hides behind the kernel's queue)
         return [lambda x=x, s=s, b=b: c.run(x, s, b) for (x, _, b), s in zip(buffers, states)]
     from zycompile.ops import tuned_linear as tl

@@ -14,7 +14,7 @@
 // weight's storage (held weakly: while an entry exists no other storage can take its identity),
 // offset, geometry and version counter, so a freed, replaced or in-place-written weight is packed again and
 // entries of freed weights are dropped. Inference tensors have no version counter: for them the op
-// computes with small_linear's row-major loop instead of a copy it could not keep in sync.
+// computes F.linear's product instead of keeping a copy it could not keep in sync.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -109,12 +109,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "panel_linear: x [M, K] and w [N, K] expected, got ", x.sizes(), " and ", w.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "panel_linear: fp32 only");
-  if (w.is_inference()) {  // no version counter to keep a copy in sync with: the row-major kernel
-    static auto row_major = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("zycompile_cpu::small_linear", "")
-                                .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&)>();
-    return row_major.call(x, w.contiguous(), bias);
-  }
+  if (w.is_inference()) return at::linear(x, w, bias);  // no version counter to keep a copy in sync with
   const at::Tensor wp = packed_for(w);
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0), panels = wp.size(0);
