@@ -94,3 +94,37 @@ def test_views_at_one_address_keep_a_copy_each():
         torch.testing.assert_close(op(x, fused), F.linear(x, fused), rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(op(x, q), F.linear(x, q), rtol=1e-5, atol=1e-4)
     assert cache_bytes() == held
+
+
+def packs() -> int:
+    return torch.ops.zycompile_cpu.panel_cache_packs.default()
+
+
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """Another tensor over t's storage with a version counter of its own (as ``set_`` makes them)."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+
+
+def test_aliases_share_one_copy_and_any_of_them_can_invalidate_it():
+    """Graphs may each hold their own alias of a weight (fuse_projections' view, a saved graph's
+    rebound parameter), each with its own version counter: alternating them must not re-pack, and an
+    in-place write through any alias seen before still re-packs."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 48)
+    w = torch.randn(64, 48)
+    a, b = alias(w), alias(w)
+    with torch.no_grad():
+        a.add_(0)  # the aliases' counters now differ (1 and 0), as they did between two graphs
+    start = packs()
+    for _ in range(3):
+        torch.testing.assert_close(op(x, a), F.linear(x, w), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(op(x, b), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert packs() == start + 1
+    with torch.no_grad():
+        a.mul_(2)  # written through a; b is handed next, and its own counter did not move
+    torch.testing.assert_close(op(x, b), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert packs() == start + 2
+    with torch.no_grad():
+        b.sub_(1)
+    torch.testing.assert_close(op(x, a), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    assert packs() == start + 3

@@ -12,9 +12,10 @@
 //
 // The packed copy is made on the first call with a weight and kept in a cache checked against the
 // weight's storage (held weakly: while an entry exists no other storage can take its identity),
-// offset, geometry and version counter, so a freed, replaced or in-place-written weight is packed again and
-// entries of freed weights are dropped. Inference tensors have no version counter: for them the op
-// computes F.linear's product instead of keeping a copy it could not keep in sync.
+// offset, geometry and the version counters of the tensors it was handed, so a freed, replaced or
+// in-place-written weight is packed again and entries of freed weights are dropped. Inference tensors
+// have no version counter: for them the op computes F.linear's product instead of keeping a copy it
+// could not keep in sync.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -72,16 +73,44 @@ using PanelFn = void (*)(const float*, int64_t, const float*, int64_t, const flo
 constexpr PanelFn BY_ROWS[ROWS + 1] = {nullptr,  panel<1>, panel<2>, panel<3>, panel<4>,
                                        panel<5>, panel<6>, panel<7>, panel<8>};
 
+// One tensor handed to the op for a weight, and its version counter when last seen. Compiled graphs
+// may each hold their own alias of a weight (a fused q/k/v view made per graph, a parameter rebound by
+// a saved graph's loader), and each alias has a version counter of its own.
+struct Alias {
+  c10::weak_intrusive_ptr<c10::TensorImpl> impl;
+  int64_t version;
+};
+
 struct Entry {
   c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-  int64_t offset, version;
+  int64_t offset;
   std::vector<int64_t> sizes, strides;
+  std::vector<Alias> aliases;
   at::Tensor packed;
 
-  bool serves(const at::Tensor& w) const {
+  bool same_weight(const at::Tensor& w) const {
     return !storage.expired() && storage._unsafe_get_target() == w.storage().unsafeGetStorageImpl() &&
-           offset == w.storage_offset() && version == w._version() && sizes == w.sizes().vec() &&
-           strides == w.strides().vec();
+           offset == w.storage_offset() && sizes == w.sizes().vec() && strides == w.strides().vec();
+  }
+
+  // Whether the copy is still the weight's values: no alias seen before was written in place since (a
+  // write through one alias bumps that alias's counter only, so every live one is checked). A new
+  // alias of the same storage is recorded as in sync: graphs that alternate, each with its own alias,
+  // share one copy instead of re-packing it on every call.
+  bool serves(const at::Tensor& w) {
+    if (!same_weight(w)) return false;
+    bool seen = false;
+    std::vector<Alias> live;
+    for (auto& a : aliases) {
+      auto impl = a.impl.lock();
+      if (!impl) continue;
+      if (static_cast<int64_t>(impl->version_counter().current_version()) != a.version) return false;
+      seen = seen || impl.get() == w.unsafeGetTensorImpl();
+      live.push_back(std::move(a));
+    }
+    if (!seen) live.push_back(Alias{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w._version()});
+    aliases = std::move(live);
+    return true;
   }
 };
 
@@ -90,6 +119,7 @@ struct Entry {
 using Key = std::tuple<const void*, int64_t, int64_t>;
 std::mutex cache_mutex;
 std::map<Key, Entry> cache;
+int64_t packs = 0;  // copies made so far (panel_cache_packs): a test's view of hits and misses
 
 at::Tensor packed_for(const at::Tensor& w) {
   std::lock_guard<std::mutex> lock(cache_mutex);
@@ -98,9 +128,14 @@ at::Tensor packed_for(const at::Tensor& w) {
   if (it != cache.end() && it->second.serves(w)) return it->second.packed;
   for (auto e = cache.begin(); e != cache.end();)  // drop the copies of freed weights
     e = e->second.storage.expired() ? cache.erase(e) : std::next(e);
-  Entry entry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()), w.storage_offset(),
-              w._version(), w.sizes().vec(), w.strides().vec(), pack(w)};
+  Entry entry{c10::weak_intrusive_ptr<c10::StorageImpl>(w.storage().getWeakStorageImpl()),
+              w.storage_offset(),
+              w.sizes().vec(),
+              w.strides().vec(),
+              {Alias{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w._version()}},
+              pack(w)};
   at::Tensor packed = entry.packed;
+  ++packs;
   cache.insert_or_assign(key, std::move(entry));
   return packed;
 }
@@ -148,13 +183,22 @@ int64_t panel_cache_bytes() {
   return total;
 }
 
+int64_t panel_cache_packs() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  return packs;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(zycompile_cpu, lib) {
   lib.def("panel_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   lib.def("panel_cache_bytes() -> int");
+  lib.def("panel_cache_packs() -> int");
 }
 
 TORCH_LIBRARY_IMPL(zycompile_cpu, CPU, lib) { lib.impl("panel_linear", &panel_linear); }
 
-TORCH_LIBRARY_IMPL(zycompile_cpu, CompositeExplicitAutograd, lib) { lib.impl("panel_cache_bytes", &panel_cache_bytes); }
+TORCH_LIBRARY_IMPL(zycompile_cpu, CompositeExplicitAutograd, lib) {
+  lib.impl("panel_cache_bytes", &panel_cache_bytes);
+  lib.impl("panel_cache_packs", &panel_cache_packs);
+}
