@@ -54,6 +54,7 @@ DRAFTERS = {
     # draft trees (speculative.tree), with the same prompt lookup: [2, 1] = the head's 2 best first
     # tokens, and its best second token under the better one
     "eagle_tree21": ("smollm2-135m-eagle", ["speculative.tree=[2, 1]"]),
+    "eagle_f32": ("smollm2-135m-eagle", ["speculative.head_weights=float32"]),  # the head's weights in fp32
     "eagle_tree3": ("smollm2-135m-eagle", ["speculative.tree=[3]"]),
     "eagle_tree31": ("smollm2-135m-eagle", ["speculative.tree=[3, 1]"]),
     "eagle_tree32": ("smollm2-135m-eagle", ["speculative.tree=[3, 2]"]),

@@ -191,6 +191,9 @@ class SpeculativeSection:
     tree_sampling: bool = False
     # verify the prefix of the drafts that maximises expected tokens per measured second (draft_length.py)
     cost_aware: bool = False
+    # eagle: the precision of the copy of its weights the head's linears stream (CPU, fp32 models; math
+    # stays fp32). float16 halves the bytes of a head call; the head's own weights are fp16 on disk.
+    head_weights: Literal["float16", "float32"] = "float16"
 
     @property
     def max_drafts(self) -> int:

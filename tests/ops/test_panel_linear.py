@@ -128,3 +128,21 @@ def test_aliases_share_one_copy_and_any_of_them_can_invalidate_it():
         b.sub_(1)
     torch.testing.assert_close(op(x, a), F.linear(x, w), rtol=1e-5, atol=1e-4)
     assert packs() == start + 3
+
+
+def test_half_copy_streams_fp16_weights_with_fp32_math():
+    """panel_linear_f16 keeps an fp16 copy (half the bytes) and computes in fp32: for weights that are
+    fp16 values already (a saved EAGLE head) its output is panel_linear's, bit for bit."""
+    torch.manual_seed(5)
+    x = torch.randn(5, 96)
+    w = torch.randn(70, 96).half().float()  # fp16 values held in fp32
+    b = torch.randn(70)
+    before = cache_bytes()
+    y = torch.ops.zycompile_cpu.panel_linear_f16.default(x, w, b)
+    assert cache_bytes() - before == 96 * 96 * 2  # 70 rows padded to whole panels (<= 96), 2 bytes each
+    assert torch.equal(y, op(x, w, b))
+    w32 = torch.randn(70, 96)  # other fp32 weights: the product of their fp16 rounding
+    ref = F.linear(x, w32.half().float(), b)
+    torch.testing.assert_close(torch.ops.zycompile_cpu.panel_linear_f16.default(x, w32, b), ref)
+    with pytest.raises(RuntimeError, match="panel_linear_f16: fp32 only"):
+        torch.ops.zycompile_cpu.panel_linear_f16.default(x.half(), w32.half())

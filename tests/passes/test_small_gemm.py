@@ -142,3 +142,26 @@ def test_bad_options_name_the_key(bad, msg):
 
     with pytest.raises(RecipeError, match=msg):
         zycompile.load_recipe(recipe([{"name": "small_gemm", **bad}]))
+
+
+def test_weights_marked_for_half_copies_take_the_fp16_panel_kernel():
+    """An owner (the EAGLE drafter) marks its weights' storage: their linears stream an fp16 copy
+    (panel_linear_f16, fp32 math); unmarked weights keep the fp32 copy."""
+    from zycompile.ops import cpu_kernels, half_linear
+
+    if cpu_kernels.build() is not None:
+        pytest.skip("C++ kernels unavailable")
+    f16, f32 = torch.ops.zycompile_cpu.panel_linear_f16.default, torch.ops.zycompile_cpu.panel_linear.default
+    lin, gm, x = _linear_graph()
+    plain = _run_pass(gm)
+    assert f32 in _targets(gm) and f16 not in _targets(gm)
+    lin, gm, x = _linear_graph()
+    assert half_linear.mark([lin.weight]) == 1
+    half = _run_pass(gm)
+    assert f16 in _targets(gm) and f32 not in _targets(gm)
+    assert plain.matches == half.matches == 1
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, lin.weight.half().float(), lin.bias)
+        torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
+    lin.weight.data = torch.randn(48, 64)  # another storage: the mark does not follow it
+    assert not half_linear.wants_half(lin.weight)

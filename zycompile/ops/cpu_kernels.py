@@ -73,5 +73,5 @@ def _register_fakes() -> None:
     def linear(x, w, bias=None):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    for name in SMALL_GEMM_OPS:  # they go into compiled graphs as they are
+    for name in (*SMALL_GEMM_OPS, "panel_linear_f16"):  # they go into compiled graphs as they are
         torch.library.register_fake(f"zycompile_cpu::{name}", linear)

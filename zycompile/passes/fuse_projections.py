@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from zycompile.passes import register_pass
 from zycompile.passes.base import GraphPass, PassResult
-from zycompile.passes.fx_util import LINEAR, fake_of, propagate_meta
+from zycompile.passes.fx_util import LINEAR, fake_of, propagate_meta, real_tensors
 
 log = logging.getLogger("zycompile")
 
@@ -48,7 +48,7 @@ class FuseProjectionsPass(GraphPass):
         prepare_model(model)
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        tensors = _real_tensors(gm, self.ctx.example_inputs)
+        tensors = real_tensors(gm, self.ctx.example_inputs)
         groups: dict[torch.fx.Node, list[torch.fx.Node]] = defaultdict(list)
         for node in gm.graph.nodes:
             if (
@@ -111,28 +111,6 @@ def _arg(node, index, name):
 def _position(graph):
     order = {n: i for i, n in enumerate(graph.nodes)}
     return lambda n: order[n]
-
-
-def _real_tensors(gm: torch.fx.GraphModule, example_inputs) -> dict[torch.fx.Node, torch.Tensor]:
-    """Map the graph's weight-carrying nodes (placeholders, get_attr) to the real tensors behind them."""
-    out = {}
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node, value in zip(placeholders, example_inputs or []):
-        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-            out[node] = value
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            value = _fetch_attr(gm, node.target)
-            if isinstance(value, torch.Tensor):
-                out[node] = value
-    return out
-
-
-def _fetch_attr(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 def _refusal(weights, biases, tensors, grad_ok: bool = False) -> str | None:

@@ -85,3 +85,25 @@ def erase_if_dead(nodes: Iterable[torch.fx.Node]) -> None:
         inputs = node.all_input_nodes
         node.graph.erase_node(node)
         work.extend(inputs)
+
+
+def real_tensors(gm: torch.fx.GraphModule, example_inputs) -> dict[torch.fx.Node, torch.Tensor]:
+    """Map the graph's weight-carrying nodes (placeholders, get_attr) to the real tensors behind them."""
+    out = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs or []):
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+            out[node] = value
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                out[node] = value
+    return out
+
+
+def fetch_attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj

@@ -42,11 +42,11 @@ import operator
 import torch
 import torch.fx
 
-from zycompile.ops import cpu_kernels
+from zycompile.ops import cpu_kernels, half_linear
 from zycompile.passes import register_pass
 from zycompile.passes.base import GraphPass, PassResult, arg, meta_val
 from zycompile.passes.fuse_projections import LINEAR
-from zycompile.passes.fx_util import propagate_meta
+from zycompile.passes.fx_util import propagate_meta, real_tensors
 
 KERNELS = ("auto", "rows", "reduction")
 MAX_KERNEL_M = cpu_kernels.SMALL_LINEAR_MAX_M
@@ -73,6 +73,7 @@ class SmallGemmPass(GraphPass):
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         matches, notes, copies = 0, [], 0
+        real = real_tensors(gm, self.ctx.example_inputs)  # owners' fp16-copy marks are on the real weights
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target not in LINEAR:
                 continue
@@ -88,9 +89,12 @@ class SmallGemmPass(GraphPass):
             if kernel != "panel_linear" and w.stride() != (w.shape[1], 1):  # the panel copy takes any layout
                 notes.append(f"{node.name}: weight is not row-major [N, K] (K-major layout?); kept as GEMM")
                 continue
+            real_w = real.get(arg(node, 1, "weight"))
+            if kernel == "panel_linear" and real_w is not None and half_linear.wants_half(real_w):
+                kernel = "panel_linear_f16"  # a draft head's weights: half the bytes, fp32 math
             self._rewrite(gm, node, m, kernel)
-            if kernel == "panel_linear":
-                copies += _panel_bytes(w)
+            if kernel in ("panel_linear", "panel_linear_f16"):
+                copies += _panel_bytes(w) // (2 if kernel == "panel_linear_f16" else 1)
             matches += 1
         if copies:
             notes.append(

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from zycompile.errors import RecipeError
+from zycompile.ops import half_linear
 from zycompile.ops.attention import position_mask
 from zycompile.runtime.draft_tree import DraftTree
 from zycompile.runtime.drafters import Drafter, NgramDrafter
@@ -143,6 +144,9 @@ class EagleDrafter(Drafter):
         with torch.no_grad():
             w = gen.head.weight[self.head.vocab_ids.to(gen.device)]
         self.w_draft = w.t().contiguous().t()  # [Vd, H], K-major like weight_layout's linears
+        # fp16 panel copies for the head's GEMMs (small_gemm reads the marks): half a call's bytes
+        weights = [*self.head.parameters(), self.w_draft]
+        self.half_copies = half_linear.mark(weights) if spec.head_weights == "float16" else 0
         text = gen.model.config
         self.cache = StaticKVCache(
             1,

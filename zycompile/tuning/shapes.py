@@ -19,7 +19,8 @@ import torch
 import torch.fx
 
 from zycompile.passes.base import meta_val
-from zycompile.passes.fuse_projections import LINEAR, _k_major, _real_tensors
+from zycompile.passes.fuse_projections import LINEAR, _k_major
+from zycompile.passes.fx_util import real_tensors
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -72,7 +73,7 @@ class GemmSite:
 
 
 def gemm_sites(gm: torch.fx.GraphModule, example_inputs: Iterable[Any]) -> list[GemmSite]:
-    tensors = _real_tensors(gm, list(example_inputs))
+    tensors = real_tensors(gm, list(example_inputs))
     sites = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in LINEAR:

@@ -18,6 +18,7 @@
 // could not keep in sync.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -25,6 +26,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -35,23 +37,33 @@ constexpr int64_t P = 2 * V;     // output columns per panel
 constexpr int64_t AHEAD = 16;    // k-steps prefetched ahead (P floats each): ~2 KB of the stream
 constexpr int64_t ROWS = 8;      // input rows per sweep: 8 x 2 accumulators + 2 weight vectors
 
-at::Tensor pack(const at::Tensor& w) {
+at::Tensor pack(const at::Tensor& w, at::ScalarType dtype) {
   const int64_t N = w.size(0), K = w.size(1), panels = (N + P - 1) / P;
-  at::Tensor padded = at::zeros({panels * P, K}, w.options());
+  at::Tensor padded = at::zeros({panels * P, K}, w.options().dtype(dtype));
   padded.narrow(0, 0, N).copy_(w);
   return padded.view({panels, P, K}).transpose(1, 2).contiguous();  // [panels, K, P]
 }
 
-// R input rows against one panel (cols <= P live output columns).
-template <int R>
-inline void panel(const float* x, int64_t ldx, const float* wp, int64_t K, const float* b, float* y,
-                  int64_t ldy, int64_t cols) {
+// One k-step of a panel: P weights as two fp32 vectors (a half-precision copy widens exactly).
+inline void load_panel(const float* p, Vec& w0, Vec& w1) {
+  w0 = Vec::loadu(p);
+  w1 = Vec::loadu(p + V);
+}
+inline void load_panel(const at::Half* p, Vec& w0, Vec& w1) {
+  std::tie(w0, w1) = at::vec::convert_to_float<at::Half>(at::vec::Vectorized<at::Half>::loadu(p));
+}
+
+// R input rows against one panel (cols <= P live output columns) of weights of type W.
+template <typename W, int R>
+inline void panel(const float* x, int64_t ldx, const W* wp, int64_t K, const float* b, float* y, int64_t ldy,
+                  int64_t cols) {
   Vec acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = Vec(0.f);
   for (int64_t k = 0; k < K; ++k) {
     __builtin_prefetch(wp + (k + AHEAD) * P, 0, 0);  // a hint: reads past the panel cannot fault
-    __builtin_prefetch(wp + (k + AHEAD) * P + V, 0, 0);
-    const Vec w0 = Vec::loadu(wp + k * P), w1 = Vec::loadu(wp + k * P + V);
+    if (sizeof(W) == 4) __builtin_prefetch(wp + (k + AHEAD) * P + V, 0, 0);  // P halves are one line
+    Vec w0, w1;
+    load_panel(wp + k * P, w0, w1);
     for (int r = 0; r < R; ++r) {
       const Vec xb(x[r * ldx + k]);
       acc0[r] = at::vec::fmadd(xb, w0, acc0[r]);
@@ -69,9 +81,11 @@ inline void panel(const float* x, int64_t ldx, const float* wp, int64_t K, const
   }
 }
 
-using PanelFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t);
-constexpr PanelFn BY_ROWS[ROWS + 1] = {nullptr,  panel<1>, panel<2>, panel<3>, panel<4>,
-                                       panel<5>, panel<6>, panel<7>, panel<8>};
+template <typename W>
+using PanelFn = void (*)(const float*, int64_t, const W*, int64_t, const float*, float*, int64_t, int64_t);
+template <typename W>
+constexpr PanelFn<W> BY_ROWS[ROWS + 1] = {nullptr,      panel<W, 1>, panel<W, 2>, panel<W, 3>, panel<W, 4>,
+                                          panel<W, 5>, panel<W, 6>, panel<W, 7>, panel<W, 8>};
 
 // One tensor handed to the op for a weight, and its version counter when last seen. Compiled graphs
 // may each hold their own alias of a weight (a fused q/k/v view made per graph, a parameter rebound by
@@ -114,16 +128,16 @@ struct Entry {
   }
 };
 
-// Keyed by address and shape: views that start at the same address (a fused q/k/v weight and its
-// q part) get an entry each instead of re-packing each other's copy on every call.
-using Key = std::tuple<const void*, int64_t, int64_t>;
+// Keyed by address, shape and the copy's dtype: views that start at the same address (a fused q/k/v
+// weight and its q part) get an entry each instead of re-packing each other's copy on every call.
+using Key = std::tuple<const void*, int64_t, int64_t, at::ScalarType>;
 std::mutex cache_mutex;
 std::map<Key, Entry> cache;
 int64_t packs = 0;  // copies made so far (panel_cache_packs): a test's view of hits and misses
 
-at::Tensor packed_for(const at::Tensor& w) {
+at::Tensor packed_for(const at::Tensor& w, at::ScalarType dtype) {
   std::lock_guard<std::mutex> lock(cache_mutex);
-  const Key key{w.data_ptr(), w.size(0), w.size(1)};
+  const Key key{w.data_ptr(), w.size(0), w.size(1), dtype};
   auto it = cache.find(key);
   if (it != cache.end() && it->second.serves(w)) return it->second.packed;
   for (auto e = cache.begin(); e != cache.end();)  // drop the copies of freed weights
@@ -133,19 +147,23 @@ at::Tensor packed_for(const at::Tensor& w) {
               w.sizes().vec(),
               w.strides().vec(),
               {Alias{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w._version()}},
-              pack(w)};
+              pack(w, dtype)};
   at::Tensor packed = entry.packed;
   ++packs;
   cache.insert_or_assign(key, std::move(entry));
   return packed;
 }
 
-at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-              "panel_linear: x [M, K] and w [N, K] expected, got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "panel_linear: fp32 only");
-  if (w.is_inference()) return at::linear(x, w, bias);  // no version counter to keep a copy in sync with
-  const at::Tensor wp = packed_for(w);
+template <typename W>
+at::Tensor panel_linear_impl(const char* name, const at::Tensor& x, const at::Tensor& w,
+                             const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name,
+              ": x [M, K] and w [N, K] expected, got ", x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, name, ": fp32 only");
+  const at::ScalarType copy = std::is_same_v<W, float> ? at::kFloat : at::kHalf;
+  if (w.is_inference())  // no version counter to keep a copy in sync with
+    return copy == at::kFloat ? at::linear(x, w, bias) : at::linear(x, w.to(copy).to(at::kFloat), bias);
+  const at::Tensor wp = packed_for(w, copy);
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0), panels = wp.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
@@ -154,25 +172,36 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
     bc = bias->contiguous();
-    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kFloat, "panel_linear: bias must be fp32 [N]");
+    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kFloat, name, ": bias must be fp32 [N]");
     bp = bc.data_ptr<float>();
   }
   const float* xp = xc.data_ptr<float>();
-  const float* wpp = wp.data_ptr<float>();
+  const W* wpp = wp.data_ptr<W>();
   float* yp = y.data_ptr<float>();
   // ~64 KB of weights per task at least: a smaller split costs more in fork/join than it saves
-  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (P * K * 4));
+  const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (P * K * static_cast<int64_t>(sizeof(W))));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p * P, cols = std::min<int64_t>(P, N - n);
-      const float* wt = wpp + p * K * P;
+      const W* wt = wpp + p * K * P;
       for (int64_t m = 0; m < M; m += ROWS) {  // more than 8 rows: the panel is in L1/L2 by then
         const int64_t r = std::min<int64_t>(ROWS, M - m);
-        BY_ROWS[r](xp + m * K, K, wt, K, bp ? bp + n : nullptr, yp + m * N + n, N, cols);
+        BY_ROWS<W>[r](xp + m * K, K, wt, K, bp ? bp + n : nullptr, yp + m * N + n, N, cols);
       }
     }
   });
   return y;
+}
+
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return panel_linear_impl<float>("panel_linear", x, w, bias);
+}
+
+// The same over a half-precision copy of w (fp32 math): half the bytes a step streams, for weights
+// whose low bits do not matter (a draft head: its drafts are verified by the target) or that are
+// fp16 values already (EAGLE heads are saved in fp16, so their products are unchanged).
+at::Tensor panel_linear_f16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  return panel_linear_impl<at::Half>("panel_linear_f16", x, w, bias);
 }
 
 int64_t panel_cache_bytes() {
@@ -192,11 +221,15 @@ int64_t panel_cache_packs() {
 
 TORCH_LIBRARY_FRAGMENT(zycompile_cpu, lib) {
   lib.def("panel_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  lib.def("panel_linear_f16(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
   lib.def("panel_cache_bytes() -> int");
   lib.def("panel_cache_packs() -> int");
 }
 
-TORCH_LIBRARY_IMPL(zycompile_cpu, CPU, lib) { lib.impl("panel_linear", &panel_linear); }
+TORCH_LIBRARY_IMPL(zycompile_cpu, CPU, lib) {
+  lib.impl("panel_linear", &panel_linear);
+  lib.impl("panel_linear_f16", &panel_linear_f16);
+}
 
 TORCH_LIBRARY_IMPL(zycompile_cpu, CompositeExplicitAutograd, lib) {
   lib.impl("panel_cache_bytes", &panel_cache_bytes);
