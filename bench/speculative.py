@@ -55,6 +55,14 @@ DRAFTERS = {
     # tokens, and its best second token under the better one
     "eagle_tree21": ("smollm2-135m-eagle", ["speculative.tree=[2, 1]"]),
     "eagle_f32": ("smollm2-135m-eagle", ["speculative.head_weights=float32"]),  # the head's weights in fp32
+    # tree [2, 1], the second level only where the best first draft's probability is >= 0.3 / 0.5 / 0.7
+    **{
+        f"eagle_tree21_c{c}": (
+            "smollm2-135m-eagle",
+            ["speculative.tree=[2, 1]", f"speculative.draft_confidence=0.{c}"],
+        )
+        for c in (3, 5, 7)
+    },
     "eagle_tree3": ("smollm2-135m-eagle", ["speculative.tree=[3]"]),
     "eagle_tree31": ("smollm2-135m-eagle", ["speculative.tree=[3, 1]"]),
     "eagle_tree32": ("smollm2-135m-eagle", ["speculative.tree=[3, 2]"]),

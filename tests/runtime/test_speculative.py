@@ -291,6 +291,29 @@ def test_eagle_tree_greedy_identical_alone_and_batched(reference, tiny_head):
     assert a == opt.generate(PROMPTS[:2], **kw).tokens and all(len(t) == 6 for t in a)
 
 
+def test_tree_levels_past_the_first_only_where_the_best_draft_is_likely(reference, tiny_head):
+    """tree [2, 1] with draft_confidence: the second level (a second head call, one more verify
+    position) is drafted only while the best first draft's probability clears the threshold; a
+    tree cut short verifies its own, narrower width. Outputs stay plain greedy either way."""
+    drafted = {}
+    for threshold in ("0.0", "0.99"):  # the tiny random head is never 99% sure
+        opt = _spec(
+            [
+                "speculative.method=eagle",
+                f"speculative.eagle_head={tiny_head}",
+                "speculative.tree=[2, 1]",
+                f"speculative.draft_confidence={threshold}",
+            ]
+        )
+        out = opt.generate(PROMPTS[:1], max_new_tokens=N_NEW, ignore_eos=True)
+        assert out.tokens == reference[:1]
+        s = out.speculative
+        assert s["tree_rounds"] == s["forwards"] > 0
+        drafted[threshold] = s["drafted"] / s["rounds"]
+        assert opt.generator().speculator.tree_widths == [1, 3, 4]
+    assert drafted == {"0.0": 3, "0.99": 2}
+
+
 def _tree_samples(broken: bool, rows: int = 20000, vocab: int = 6, seed: int = 0):
     """First and second emitted tokens of a sampled tree round, over many rounds with fixed target
     distributions: the root's candidates 2 and 4, and candidate 1 under 2."""
@@ -360,6 +383,23 @@ def test_cost_aware_draft_length_keeps_greedy_output(name, reference, tiny_head)
     assert any(ms is not None for ms in length.ms[1:])  # verify widths were timed
     if name == "eagle":  # the head's confidence is known per draft
         assert opt.generator().speculator.drafter.confidence.shape[0] == 4
+
+
+def test_ngram_lookup_finds_the_latest_earlier_match_of_whole_tokens():
+    """The byte search (4 bytes a token) gives the plain scan's answer: the latest earlier occurrence
+    of the longest tail, never a match across two tokens' bytes (ids past 255 share byte patterns)."""
+    import random
+
+    from zycompile.runtime.drafters import NgramDrafter
+
+    ng = NgramDrafter(3, 1)
+    assert ng.lookup([7, 8, 9, 1, 7, 8, 9, 2, 7, 8, 9], 2) == [2, 7]  # the latest of two matches
+    assert ng.lookup([256, 1, 5, 256], 2) == [1, 5]  # bytes 00 01 00 00 | 01 00 00 00 ... misaligned
+    assert ng.lookup([1, 2, 3], 2) == []
+    rng = random.Random(0)
+    for _ in range(2000):
+        seq = [rng.randrange(rng.choice([2, 5, 300, 70000])) for _ in range(rng.randrange(1, 40))]
+        assert ng.lookup(seq, 3) == ng._lookup_slow(seq, 3), seq
 
 
 def test_ngram_verifies_only_as_wide_as_its_longest_match():

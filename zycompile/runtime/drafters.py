@@ -15,6 +15,7 @@ sampling needs it); None means the drafts are deterministic (one-hot q).
 from __future__ import annotations
 
 import copy
+from array import array
 from typing import Any
 
 import torch
@@ -46,6 +47,23 @@ class NgramDrafter(Drafter):
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
 
     def lookup(self, seq: list[int], k: int) -> list[int]:
+        # Searched as bytes (4 per token, bytes.rfind in C): a Python scan of a 1000-token context
+        # cost ~0.3 ms a round, most rounds finding nothing.
+        try:
+            data = array("i", seq).tobytes()
+        except OverflowError:  # a token id past 2**31: no such vocabulary, but stay exact
+            return self._lookup_slow(seq, k)
+        for n in range(min(self.ngram_max, len(seq) - 1), self.ngram_min - 1, -1):
+            tail = data[-4 * n :]
+            end = 4 * (len(seq) - 1)  # a match starts at token len - n - 1 at the latest
+            while (at := data.rfind(tail, 0, end)) >= 0:
+                if at % 4 == 0:  # whole tokens, not the bytes of two neighbours
+                    i = at // 4
+                    return seq[i + n : i + n + k]
+                end = at + 4 * n - 1  # the next try starts before this one
+        return []
+
+    def _lookup_slow(self, seq: list[int], k: int) -> list[int]:
         for n in range(min(self.ngram_max, len(seq) - 1), self.ngram_min - 1, -1):
             tail = seq[-n:]
             for i in range(len(seq) - n - 1, -1, -1):

@@ -286,11 +286,18 @@ class EagleDrafter(Drafter):
         paths: list[list[list[int]]] = [[] for _ in range(bsz)]
         logits, g = self._catch_up(ctx, pos)
         best: torch.Tensor | None = None
+        conf: torch.Tensor | None = None
         prefix: list[list[int]] = [[] for _ in range(bsz)]
         for depth, count in enumerate(self.tree):
             if depth:
+                # Deeper only where the best path so far is likely (``draft_confidence``): a level
+                # costs a head call and verify positions, and pays only when its parent is accepted.
+                if bool((conf < self.threshold).all()):
+                    break
                 logits, g = self._next(g, best, pos, depth)
-            top = self.head.vocab_ids[logits.topk(count, -1).indices]  # [B, count], most likely first
+            probs, idx = torch.softmax(logits, -1).topk(count, -1)
+            conf = probs[:, 0] if conf is None else conf * probs[:, 0]
+            top = self.head.vocab_ids[idx]  # [B, count], most likely first
             for b, cands in enumerate(top.tolist()):
                 paths[b].extend(prefix[b] + [c] for c in cands)
                 prefix[b] = prefix[b] + [cands[0]]

@@ -181,8 +181,12 @@ class Speculator:
         # Verify widths of draft trees (speculative.tree): the head's tree, and a prompt-lookup run
         # beside the head's best first token; a smaller tree pads to the next (one graph per width
         # and batch bucket).
+        # A tree cut short by draft_confidence verifies the width of the levels it drafted.
         self.tree_widths = (
-            sorted({1 + sum(spec.tree), 2 + spec.lookup_tokens if spec.lookup_tokens else 1})
+            sorted(
+                {1 + sum(spec.tree[:d]) for d in range(1, len(spec.tree) + 1)}
+                | {2 + spec.lookup_tokens if spec.lookup_tokens else 1}
+            )
             if spec.tree and hasattr(self.drafter, "propose_tree") and gen.cache.can_move_rows
             else []
         )
