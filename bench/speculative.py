@@ -34,6 +34,7 @@ from zycompile.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 # name -> (recipe, overrides)
+NO_CONF = ["speculative.draft_confidence=0.0"]  # the shipped 0.7 gates a tree's second level
 DRAFTERS = {
     "ngram_k4": ("smollm2-135m", ["speculative.method=ngram", "speculative.num_tokens=4"]),
     "ngram": (
@@ -41,19 +42,24 @@ DRAFTERS = {
         ["speculative.method=ngram", "speculative.num_tokens=3", "speculative.cost_aware=true"],
     ),
     "early_exit": ("smollm2-135m", ["speculative.method=early_exit", "speculative.exit_layer=20"]),
-    # as shipped: a draft tree of the head's 2 best first tokens, or a prompt-lookup run of up to 3
-    # beside its best one where the last 3-4 tokens repeat
+    # as shipped: a draft tree of the head's 2 best first tokens and, where the better one is >= 70%
+    # likely, its best second token; or a prompt-lookup run of up to 3 beside the best first token
+    # where the last 3-4 tokens repeat
     "eagle": ("smollm2-135m-eagle", []),
     "eagle_chain": ("smollm2-135m-eagle", ["speculative.tree=[]"]),  # one head draft, or the lookup run
     # as shipped, but sampled rows verify the tree too (tree rejection sampling; with --temperature)
     "eagle_tree_sampling": ("smollm2-135m-eagle", ["speculative.tree_sampling=true"]),
     "eagle_head": ("smollm2-135m-eagle", ["speculative.lookup_tokens=0", "speculative.tree=[]"]),  # k = 1
-    "eagle_k2": ("smollm2-135m-eagle", ["speculative.num_tokens=2", "speculative.tree=[]"]),
-    "eagle_k3": ("smollm2-135m-eagle", ["speculative.num_tokens=3", "speculative.tree=[]"]),
+    "eagle_k2": ("smollm2-135m-eagle", ["speculative.num_tokens=2", "speculative.tree=[]", *NO_CONF]),
+    "eagle_k3": ("smollm2-135m-eagle", ["speculative.num_tokens=3", "speculative.tree=[]", *NO_CONF]),
     "eagle_lookup5": ("smollm2-135m-eagle", ["speculative.lookup_tokens=5", "speculative.tree=[]"]),
     # draft trees (speculative.tree), with the same prompt lookup: [2, 1] = the head's 2 best first
     # tokens, and its best second token under the better one
-    "eagle_tree21": ("smollm2-135m-eagle", ["speculative.tree=[2, 1]"]),
+    "eagle_tree21": ("smollm2-135m-eagle", ["speculative.tree=[2, 1]", *NO_CONF]),
+    "eagle_tree2": (
+        "smollm2-135m-eagle",
+        ["speculative.tree=[2]", *NO_CONF],
+    ),  # the shipped tree before 2026-11-29 13:1x
     "eagle_f32": ("smollm2-135m-eagle", ["speculative.head_weights=float32"]),  # the head's weights in fp32
     # tree [2, 1], the second level only where the best first draft's probability is >= 0.3 / 0.5 / 0.7
     **{
@@ -63,10 +69,10 @@ DRAFTERS = {
         )
         for c in (3, 5, 7)
     },
-    "eagle_tree3": ("smollm2-135m-eagle", ["speculative.tree=[3]"]),
-    "eagle_tree31": ("smollm2-135m-eagle", ["speculative.tree=[3, 1]"]),
-    "eagle_tree32": ("smollm2-135m-eagle", ["speculative.tree=[3, 2]"]),
-    "eagle_tree211": ("smollm2-135m-eagle", ["speculative.tree=[2, 1, 1]"]),
+    "eagle_tree3": ("smollm2-135m-eagle", ["speculative.tree=[3]", *NO_CONF]),
+    "eagle_tree31": ("smollm2-135m-eagle", ["speculative.tree=[3, 1]", *NO_CONF]),
+    "eagle_tree32": ("smollm2-135m-eagle", ["speculative.tree=[3, 2]", *NO_CONF]),
+    "eagle_tree211": ("smollm2-135m-eagle", ["speculative.tree=[2, 1, 1]", *NO_CONF]),
     "eagle_k3_cost": (
         "smollm2-135m-eagle",
         [
