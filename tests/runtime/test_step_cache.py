@@ -144,6 +144,17 @@ def test_thread_count_splits_signatures():
     assert step_cache._describe(one) == step_cache._describe(two) == "([1, 8], None)"
 
 
+def test_the_key_is_the_same_for_a_like_model_in_another_object():
+    """A new process builds new objects: the key must not depend on their identity. It once took the
+    repr of ``Generator.step_key`` (a bound method, an address), so no saved target step loaded again."""
+    data = {"model": {"source": "tiny:llama"}, "lowering": {"backend": "aot_eager"}}
+    a = zycompile.optimize(None, data).generator()
+    b = zycompile.optimize(None, data).generator()
+    assert a is not b and step_cache.model_key(a, "_step") == step_cache.model_key(b, "_step")
+    b.step_cache_extra = "a draft head's file hash"  # what the step reads beyond the parameters
+    assert step_cache.model_key(a, "_step") != step_cache.model_key(b, "_step")
+
+
 def test_a_step_that_cannot_be_saved_is_traced_alone(monkeypatch, caplog, tmp_path):
     """One graph whose capture fails (batch 4 here) is compiled by Dynamo; the other signatures keep
     their saved steps instead of all falling back to a Dynamo re-trace (a prefill re-traced mid-run)."""

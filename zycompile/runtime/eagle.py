@@ -169,7 +169,7 @@ class EagleDrafter(Drafter):
         # tracing them, and a call checks only its arguments' guards, not Dynamo's. The key adds the
         # head file, whose weights the target's parameters do not cover.
         self.model, self.recipe, self.device = gen.model, gen.recipe, gen.device
-        self.step_key = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.step_cache_extra = hashlib.sha256(path.read_bytes()).hexdigest()
         self.compiled = compile_cached_step(
             self._draft, gen.opt.backend, self, ("feat", "ids", "pos", "last", "rows")
         )

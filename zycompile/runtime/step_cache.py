@@ -82,8 +82,10 @@ def model_key(owner: Any, fn_name: str) -> str:
             "recipe": recipe.graph_hash(),
             "config": model.config.to_json_string(use_diff=False),
             "params": params,
-            # what else the step reads that the target's parameters do not cover (a draft head's weights)
-            "extra": getattr(owner, "step_key", ""),
+            # what else the step reads that the target's parameters do not cover (a draft head's
+            # weights). Its own name: Generator.step_key is a method, whose repr (an address) made
+            # every process's key new, so no saved target step was ever loaded again.
+            "extra": getattr(owner, "step_cache_extra", ""),
         },
         sort_keys=True,
         default=str,
