@@ -56,10 +56,8 @@ DRAFTERS = {
     # draft trees (speculative.tree), with the same prompt lookup: [2, 1] = the head's 2 best first
     # tokens, and its best second token under the better one
     "eagle_tree21": ("smollm2-135m-eagle", ["speculative.tree=[2, 1]", *NO_CONF]),
-    "eagle_tree2": (
-        "smollm2-135m-eagle",
-        ["speculative.tree=[2]", *NO_CONF],
-    ),  # the shipped tree before 2026-11-29 13:1x
+    # the shipped tree before 2026-11-29 13:1x
+    "eagle_tree2": ("smollm2-135m-eagle", ["speculative.tree=[2]", *NO_CONF]),
     "eagle_f32": ("smollm2-135m-eagle", ["speculative.head_weights=float32"]),  # the head's weights in fp32
     # tree [2, 1], the second level only where the best first draft's probability is >= 0.3 / 0.5 / 0.7
     **{

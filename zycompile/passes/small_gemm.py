@@ -93,8 +93,7 @@ class SmallGemmPass(GraphPass):
             if kernel == "panel_linear" and real_w is not None and half_linear.wants_half(real_w):
                 kernel = "panel_linear_f16"  # a draft head's weights: half the bytes, fp32 math
             self._rewrite(gm, node, m, kernel)
-            if kernel in ("panel_linear", "panel_linear_f16"):
-                copies += _panel_bytes(w) // (2 if kernel == "panel_linear_f16" else 1)
+            copies += _panel_bytes(w, kernel)
             matches += 1
         if copies:
             notes.append(
@@ -145,9 +144,11 @@ class SmallGemmPass(GraphPass):
         g.erase_node(node)
 
 
-def _panel_bytes(w: torch.Tensor) -> int:
-    """The panel copy's size: rows padded to whole panels (at most 32 columns each)."""
-    return -(-w.shape[0] // 32) * 32 * w.shape[1] * w.element_size()
+def _panel_bytes(w: torch.Tensor, kernel: str | None) -> int:
+    """The copy ``kernel`` keeps of ``w`` (0 for the kernels that keep none): rows padded to whole
+    panels (at most 32 columns each), in fp32 or, for ``panel_linear_f16``, fp16."""
+    per = {"panel_linear": w.element_size(), "panel_linear_f16": 2}.get(kernel, 0)
+    return -(-w.shape[0] // 32) * 32 * w.shape[1] * per
 
 
 def _call(g: torch.fx.Graph, target, args) -> torch.fx.Node:

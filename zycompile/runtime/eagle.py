@@ -145,8 +145,8 @@ class EagleDrafter(Drafter):
             w = gen.head.weight[self.head.vocab_ids.to(gen.device)]
         self.w_draft = w.t().contiguous().t()  # [Vd, H], K-major like weight_layout's linears
         # fp16 panel copies for the head's GEMMs (small_gemm reads the marks): half a call's bytes
-        weights = [*self.head.parameters(), self.w_draft]
-        self.half_copies = half_linear.mark(weights) if spec.head_weights == "float16" else 0
+        if spec.head_weights == "float16":
+            half_linear.mark([*self.head.parameters(), self.w_draft])
         text = gen.model.config
         self.cache = StaticKVCache(
             1,

@@ -178,10 +178,10 @@ class Speculator:
         )
         self.seen_shapes: set[tuple] = set()
         self.drafter = build_drafter(gen, spec)
-        # Verify widths of draft trees (speculative.tree): the head's tree, and a prompt-lookup run
+        # Verify widths of draft trees (speculative.tree): the head's tree through each level (a tree
+        # cut short by draft_confidence verifies the levels it drafted), and a prompt-lookup run
         # beside the head's best first token; a smaller tree pads to the next (one graph per width
         # and batch bucket).
-        # A tree cut short by draft_confidence verifies the width of the levels it drafted.
         self.tree_widths = (
             sorted(
                 {1 + sum(spec.tree[:d]) for d in range(1, len(spec.tree) + 1)}

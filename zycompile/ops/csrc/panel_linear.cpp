@@ -114,16 +114,14 @@ struct Entry {
   bool serves(const at::Tensor& w) {
     if (!same_weight(w)) return false;
     bool seen = false;
-    std::vector<Alias> live;
-    for (auto& a : aliases) {
+    for (const auto& a : aliases) {
       auto impl = a.impl.lock();
-      if (!impl) continue;
-      if (static_cast<int64_t>(impl->version_counter().current_version()) != a.version) return false;
+      if (impl && static_cast<int64_t>(impl->version_counter().current_version()) != a.version) return false;
       seen = seen || impl.get() == w.unsafeGetTensorImpl();
-      live.push_back(std::move(a));
     }
-    if (!seen) live.push_back(Alias{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w._version()});
-    aliases = std::move(live);
+    aliases.erase(std::remove_if(aliases.begin(), aliases.end(), [](const Alias& a) { return a.impl.expired(); }),
+                  aliases.end());
+    if (!seen) aliases.push_back(Alias{c10::weak_intrusive_ptr<c10::TensorImpl>(w.getIntrusivePtr()), w._version()});
     return true;
   }
 };
