@@ -6,6 +6,7 @@ Appends a dated table to bench/RESULTS.md.
 
     python bench/decode.py                      # SmolLM2 fp32, 5 ShareGPT prompts, 64 new tokens
     python bench/decode.py --set runtime.max_seq_len=1024 --repeats 5
+    python bench/decode.py --set model.dtype=bfloat16  # the same in bf16 (HF loads bf16 too)
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def main() -> None:
         "",
         f"`python bench/decode.py {' '.join(sys.argv[1:])}` — {machine_line()}",
         f"recipe `{recipe.source_file}` hash {recipe.compute_hash()}; {len(prompts)} ShareGPT prompts × "
-        f"{args.repeats} repeats, {args.new_tokens} new tokens, fp32; read bandwidth "
+        f"{args.repeats} repeats, {args.new_tokens} new tokens, {recipe.model.dtype}; read bandwidth "
         f"{min(bws) / 1e9:.1f}-{max(bws) / 1e9:.1f} GB/s (measured before and after each system; MBU "
         "against the highest); "
         f"zycompile compile (first 2-token generate): cold {cold:.1f} s (fresh Inductor cache and step cache; "

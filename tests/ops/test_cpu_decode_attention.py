@@ -73,16 +73,33 @@ def test_strided_cache_views():
     _check(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v, _prefix([256, 9], 1, 256))
 
 
-def test_attention_op_routes_short_fp32_blocks_to_the_kernel_and_others_to_sdpa():
+def test_attention_op_routes_short_fp32_and_bf16_blocks_to_the_kernel_and_others_to_sdpa():
     q, k, v = _qkv(5, 2, 3, 3, 4, 64, 64)
     mask = _prefix([50, 64], 4, 64)
     assert cpu_decode_attention.applies(q, k, v, mask)
     assert not cpu_decode_attention.applies(q, k, v, mask.float())  # additive mask: SDPA
-    assert not cpu_decode_attention.applies(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert cpu_decode_attention.applies(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert not cpu_decode_attention.applies(q.half(), k.half(), v.half(), mask)
+    assert not cpu_decode_attention.applies(q, k.bfloat16(), v.bfloat16(), mask)  # mixed: SDPA
     long_q = torch.randn(2, 9, cpu_decode_attention.MAX_QUERIES + 1, 64)
     assert not cpu_decode_attention.applies(long_q, k, v, None)  # a prefill chunk: SDPA's flash kernel
     out = attention(q, k, v, mask, 0.125, False)
     torch.testing.assert_close(out, reference_attention(q, k, v, mask, 0.125), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [64, 128, 40])  # the register-blocked head dims, and the generic path
+def test_bf16_keys_and_values_are_widened_and_the_math_is_fp32(d):
+    """A bf16 model's cache: the kernel's output is fp32 attention over the bf16 values, rounded once
+    to bf16 (SDPA's bf16 result is within that rounding too)."""
+    q, k, v = (t.bfloat16() for t in _qkv(8, 3, 2, 3, 2, 300, d))
+    mask = _prefix([300, 141, 7], 2, 300)
+    out = kernel(q, k, v, mask, d**-0.5, False)
+    assert out.dtype == torch.bfloat16
+    want = reference_attention(q.float(), k.float(), v.float(), mask, d**-0.5)
+    torch.testing.assert_close(out.float(), want.bfloat16().float(), rtol=0, atol=2**-7)
+    with pytest.raises(RuntimeError, match="all fp32 or all bf16"):
+        kernel(q.float(), k, v, mask, 0.1, False)
 
 
 def test_unbuildable_kernel_falls_back_to_sdpa_and_says_so_once(monkeypatch, capsys):

@@ -74,7 +74,9 @@ def test_empty_and_bad_inputs():
     w = torch.randn(8, 16)
     assert op(torch.randn(0, 16), w).shape == (0, 8)
     with pytest.raises(RuntimeError, match="fp32 only"):
-        op(torch.randn(2, 16).bfloat16(), w.bfloat16())
+        op(torch.randn(2, 16).half(), w.half())
+    with pytest.raises(RuntimeError, match="bf16 x and w expected"):
+        op(torch.randn(2, 16), w.bfloat16())
     with pytest.raises(RuntimeError, match=r"x \[M, K\] and w \[N, K\] expected"):
         op(torch.randn(2, 15), w)
     with pytest.raises(RuntimeError, match=r"bias must be fp32 \[N\]"):
@@ -146,3 +148,18 @@ def test_half_copy_streams_fp16_weights_with_fp32_math():
     torch.testing.assert_close(torch.ops.zycompile_cpu.panel_linear_f16.default(x, w32, b), ref)
     with pytest.raises(RuntimeError, match="panel_linear_f16: fp32 only"):
         torch.ops.zycompile_cpu.panel_linear_f16.default(x.half(), w32.half())
+
+
+def test_bf16_weights_keep_a_bf16_copy_and_round_the_fp32_product_once():
+    """A bf16 model's decode GEMMs: a bf16 panel copy (half fp32's bytes), fp32 accumulation, the result
+    rounded to bf16 once, as BLAS rounds its bf16 GEMM."""
+    torch.manual_seed(6)
+    x, w, b = torch.randn(5, 96).bfloat16(), torch.randn(70, 96).bfloat16(), torch.randn(70).bfloat16()
+    before = cache_bytes()
+    y = op(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, 70)
+    assert cache_bytes() - before == 96 * 96 * 2  # 70 rows padded to whole panels (<= 96), 2 bytes each
+    want = F.linear(x.float(), w.float(), b.float())
+    torch.testing.assert_close(y.float(), want.bfloat16().float(), rtol=2**-7, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"bias must be bf16 \[N\]"):
+        op(x, w, b.float())

@@ -73,10 +73,10 @@ def test_k_major_weights_take_the_panel_kernel_else_are_left_alone_with_a_note(k
         assert any("not row-major" in n for n in notes), notes
 
 
-def _linear_graph(m=4):
-    lin = torch.nn.Linear(64, 48)
+def _linear_graph(m=4, dtype=torch.float32):
+    lin = torch.nn.Linear(64, 48).to(dtype)
     gm = torch.fx.symbolic_trace(lin)
-    x = torch.randn(m, 64)
+    x = torch.randn(m, 64, dtype=dtype)
     for node in gm.graph.nodes:  # the pass reads shapes from node.meta["val"]
         if node.op == "placeholder":
             node.meta["val"] = x
@@ -165,3 +165,22 @@ def test_weights_marked_for_half_copies_take_the_fp16_panel_kernel():
         torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
     lin.weight.data = torch.randn(48, 64)  # another storage: the mark does not follow it
     assert not half_linear.wants_half(lin.weight)
+
+
+def test_bf16_linears_take_the_panel_kernel_and_the_row_kernel_leaves_them_to_reductions():
+    """A bf16 model's decode GEMMs stream a bf16 panel copy (half fp32's bytes); the row-major kernel is
+    fp32 only, so with ``kernel: rows`` they get Inductor's reductions."""
+    from zycompile.ops import cpu_kernels
+
+    if cpu_kernels.build() is not None:
+        pytest.skip("C++ kernels unavailable")
+    panel = torch.ops.zycompile_cpu.panel_linear.default
+    lin, gm, x = _linear_graph(dtype=torch.bfloat16)
+    result = _run_pass(gm)
+    assert result.matches == 1 and panel in _targets(gm)
+    assert any("panel-packed weight copies: 0.0 MB" in n for n in result.notes)  # 64 x 64 x 2 bytes
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+        torch.testing.assert_close(gm(x).float(), want, rtol=2**-7, atol=1e-3)
+    lin, gm, x = _linear_graph(dtype=torch.bfloat16)
+    assert _run_pass(gm, kernel="rows").matches == 1 and torch.sum in _targets(gm)

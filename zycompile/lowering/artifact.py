@@ -9,6 +9,10 @@ Inductor's compiled function is serializable on its own (AOTAutograd's bundled c
   rebuilt from that input at the first call: no weight bytes in the artifact.
 - ``tuned_gemm``'s plans (M -> candidate per weight, ``ops/tuned_linear.py``): saved as tables and
   reinstalled at load under the same ids.
+- our C++ CPU kernels, which ``small_gemm`` and ``tuned_gemm`` call directly (``zycompile_cpu::*``):
+  a new process has not loaded that extension until something asks for it, so a loaded graph that
+  calls it loads it first (a decode step whose graph ran before any prefill failed with "no
+  attribute 'panel_linear'").
 
 A graph whose buffers are not views of an input (no such pass today) is not savable; ``wrap``
 returns None and the caller compiles the usual way.
@@ -23,14 +27,22 @@ import torch
 import torch.fx
 from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable, SerializableCallable
 
-from zycompile.ops import tuned_linear
+from zycompile.ops import cpu_kernels, tuned_linear
 
 View = tuple[int, tuple[int, ...], tuple[int, ...], int]  # (input index, size, stride, storage offset)
 
 
 class SavedGraph(SerializableCallable):
-    def __init__(self, compiled: Any, views: list[View], plans: dict[int, dict[int, str]], loaded: bool):
+    def __init__(
+        self,
+        compiled: Any,
+        views: list[View],
+        plans: dict[int, dict[int, str]],
+        loaded: bool,
+        cpu_kernels: bool = False,
+    ):
         self.compiled = compiled
+        self.cpu_kernels = cpu_kernels  # the graph calls zycompile_cpu ops
         self.views = views
         self.plans = plans
         self.loaded = loaded  # a loaded entry takes the buffers as leading inputs; a live one has them
@@ -62,7 +74,11 @@ class SavedGraph(SerializableCallable):
             if node.op == "call_function" and node.target is torch.ops.zycompile.tuned_linear.default:
                 pid = node.args[3]
                 plans[pid] = dict(tuned_linear.PLANS[pid].table)
-        return cls(compiled, views, plans, loaded=False)
+        calls_cpu = any(
+            node.op == "call_function" and getattr(node.target, "namespace", None) == "zycompile_cpu"
+            for node in gm.graph.nodes
+        )
+        return cls(compiled, views, plans, loaded=False, cpu_kernels=calls_cpu)
 
     def __call__(self, *args: Any) -> Any:
         if not self.loaded:
@@ -78,12 +94,16 @@ class SavedGraph(SerializableCallable):
     def serialize_compile_artifacts(cls, fn: SavedGraph) -> bytes:
         inner = BundledAOTAutogradSerializableCallable(fn.compiled)
         blob = BundledAOTAutogradSerializableCallable.serialize_compile_artifacts(inner)
-        return pickle.dumps((blob, fn.views, fn.plans))
+        return pickle.dumps((blob, fn.views, fn.plans, fn.cpu_kernels))
 
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes) -> SavedGraph:
-        blob, views, plans = pickle.loads(data)
+        blob, views, plans, calls_cpu = pickle.loads(data)
+        if calls_cpu and (why := cpu_kernels.build()) is not None:
+            raise RuntimeError(
+                f"the saved graph calls zycompile's C++ CPU kernels, which cannot load here ({why})"
+            )
         compiled = BundledAOTAutogradSerializableCallable.deserialize_compile_artifacts(blob)
         for pid, table in plans.items():
             tuned_linear.install(pid, table)
-        return cls(compiled, views, plans, loaded=True)
+        return cls(compiled, views, plans, loaded=True, cpu_kernels=calls_cpu)

@@ -18,6 +18,7 @@ import torch
 
 from zycompile.ops import cpu_kernels
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # bf16 K/V widened as loaded, fp32 math
 MAX_QUERIES = 16  # longer query blocks (prefill chunks) are compute-bound: SDPA's flash kernel wins there
 
 ENABLED = os.environ.get("ZYCOMPILE_CPU_ATTENTION", "kernel") != "sdpa"  # read once: checked every call
@@ -34,11 +35,12 @@ def load() -> torch._ops.OpOverload | None:
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
-    """Whether the kernel handles this call: CPU fp32, a short query block, a boolean mask or none."""
+    """Whether the kernel handles this call: CPU fp32 or bf16, a short query block, a boolean mask or none."""
     return (
         ENABLED
         and q.device.type == "cpu"
         and q.shape[-2] <= MAX_QUERIES
-        and q.dtype == k.dtype == v.dtype == torch.float32
+        and q.dtype == k.dtype == v.dtype
+        and q.dtype in KERNEL_DTYPES
         and (mask is None or mask.dtype == torch.bool)
     )

@@ -1,7 +1,7 @@
 """Turn small-M linears (decode steps, speculative verify) into weight-streaming kernels.
 
 ``kernel: auto`` (the default) calls zycompile's C++ kernel ``zycompile_cpu::panel_linear``
-(``ops/csrc/panel_linear.cpp``) for fp32 graphs where it builds: it packs each weight once into
+(``ops/csrc/panel_linear.cpp``) for fp32 and bf16 graphs where it builds: it packs each weight once into
 k-major panels of output columns (a second copy of the weight, made on the first call) so every thread
 reads one contiguous stream, and feeds each weight vector to all M rows. On the 2-vCPU Zen 4 EPYC it
 runs SmolLM2's decode GEMMs at M = 1/4/8 in 22.5/21.1/19.8 ms against the row-major kernel's
@@ -62,7 +62,9 @@ class SmallGemmPass(GraphPass):
     class Options:
         max_m: int = 8  # largest rows x tokens rewritten (measured on this CPU: M=8 ties BLAS)
         device: str = "cpu"  # only graphs on this device type (GPU GEMV kernels are already fine)
-        kernel: str = "auto"  # "auto": the C++ panel kernel for fp32 where it builds; "rows": the row-major
+        kernel: str = (
+            "auto"  # "auto": the C++ panel kernel for fp32 and bf16 where it builds; "rows": the row-major
+        )
         # C++ kernel (no weight copy); "reduction": Inductor's
 
         def check(self):
@@ -107,10 +109,12 @@ class SmallGemmPass(GraphPass):
 
     def _kernel(self, w: torch.Tensor, notes: list[str]) -> str | None:
         """The ``zycompile_cpu`` op to call, or None for Inductor's reductions."""
+        # the panel kernel takes fp32 and bf16; the row-major one fp32 only
+        dtypes = (torch.float32, torch.bfloat16) if self.opts.kernel == "auto" else (torch.float32,)
         if (
             self.opts.kernel == "reduction"
             or self.ctx.exporting
-            or w.dtype != torch.float32
+            or w.dtype not in dtypes
             or w.device.type != "cpu"
         ):
             return None  # a package must not need our extension where it is loaded

@@ -179,6 +179,12 @@ def _small_linear_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype == torch.float32 and cpu_kernels.build() is None
 
 
+def _panel_linear_ok(device: torch.device, dtype: torch.dtype) -> bool:  # fp32 and bf16 (a bf16 copy)
+    from zycompile.ops import cpu_kernels
+
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels.build() is None
+
+
 def _panel_linear_run(x, w, b):
     return torch.ops.zycompile_cpu.panel_linear.default(x, w, b)
 
@@ -249,7 +255,7 @@ CANDIDATES: dict[str, Candidate] = {
         ),
         # the op keeps its panel-packed copy itself (made on the first call with a weight)
         Candidate(
-            "panel_linear", lambda w, m: w, _panel_linear_run, copies_weight=True, available=_small_linear_ok
+            "panel_linear", lambda w, m: w, _panel_linear_run, copies_weight=True, available=_panel_linear_ok
         ),
     ]
 }

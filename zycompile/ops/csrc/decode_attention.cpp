@@ -1,6 +1,7 @@
 // Decode/verify attention on CPU: a few queries per row against a static KV cache that is mostly empty.
 //
-// q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] (fp32, last dim contiguous), mask boolean and
+// q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] (all fp32 or all bf16, last dim contiguous;
+// bf16 keys and values are widened as they are loaded, the math is fp32), mask boolean and
 // broadcastable to [B, Hq, Tq, Tk] (true = attend) or absent; causal is bottom-right aligned (query t
 // sees keys j <= t + Tk - Tq). A query reads keys only up to the last one it may see, so a decode step
 // over a 2048-slot cache holding 150 tokens reads 150 keys.
@@ -20,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -34,8 +36,22 @@ constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 // stops at page boundaries. Measured on the 2-core EPYC with a cold cache: 10-20% less time per call.
 constexpr int64_t PREFETCH_KEYS = 16;
 
-inline void prefetch_row(const float* p, int64_t n) {
-  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 1);  // one 64-byte line each
+template <typename T>
+inline void prefetch_row(const T* p, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64 / sizeof(T)) __builtin_prefetch(p + i, 0, 1);  // one 64-byte line each
+}
+
+// NV fp32 vectors from a K or V row of T (a bf16 vector holds two fp32 vectors' worth: NV is even).
+template <int NV>
+inline void load_row(const float* p, Vec* out) {
+  for (int c = 0; c < NV; ++c) out[c] = Vec::loadu(p + c * Vec::size());
+}
+template <int NV>
+inline void load_row(const at::BFloat16* p, Vec* out) {
+  using BVec = at::vec::Vectorized<at::BFloat16>;
+  static_assert(NV % 2 == 0 && BVec::size() == 2 * Vec::size());
+  for (int c = 0; c < NV / 2; ++c)
+    std::tie(out[2 * c], out[2 * c + 1]) = at::vec::convert_to_float<at::BFloat16>(BVec::loadu(p + c * BVec::size()));
 }
 
 inline float hsum(Vec x) {
@@ -55,45 +71,50 @@ inline int64_t last_visible(const bool* row, int64_t n) {
   return n;
 }
 
-inline void scores_any(const float* q, const float* k, int64_t ks, int64_t D, int64_t j0, int64_t j1, float scale,
+template <typename T>
+inline void scores_any(const float* q, const T* k, int64_t ks, int64_t D, int64_t j0, int64_t j1, float scale,
                        float* s) {
   for (int64_t j = j0; j < j1; ++j) {
-    const float* kr = k + j * ks;
+    const T* kr = k + j * ks;
     prefetch_row(kr + PREFETCH_KEYS * ks, D);
-    Vec acc(0.f);
+    float x = 0.f;
     int64_t d = 0;
-    for (; d + Vec::size() <= D; d += Vec::size()) acc = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(kr + d), acc);
-    float x = hsum(acc);
-    for (; d < D; ++d) x += q[d] * kr[d];
+    if constexpr (std::is_same_v<T, float>) {
+      Vec acc(0.f);
+      for (; d + Vec::size() <= D; d += Vec::size()) acc = at::vec::fmadd(Vec::loadu(q + d), Vec::loadu(kr + d), acc);
+      x = hsum(acc);
+    }
+    for (; d < D; ++d) x += q[d] * static_cast<float>(kr[d]);
     s[j - j0] = x * scale;
   }
 }
 
 // o[0, Dv) = sum_j p[j - j0] v[j] over keys [j0, j1), skipping zero weights (masked keys).
-inline void weighted_any(const float* p, const float* v, int64_t vs, int64_t Dv, int64_t j0, int64_t j1, float* o) {
+template <typename T>
+inline void weighted_any(const float* p, const T* v, int64_t vs, int64_t Dv, int64_t j0, int64_t j1, float* o) {
   std::fill(o, o + Dv, 0.f);
   for (int64_t j = j0; j < j1; ++j) {
     prefetch_row(v + (j + PREFETCH_KEYS) * vs, Dv);
     const float w = p[j - j0];
     if (w == 0.f) continue;
-    const float* vr = v + j * vs;
-    for (int64_t d = 0; d < Dv; ++d) o[d] += w * vr[d];
+    const T* vr = v + j * vs;
+    for (int64_t d = 0; d < Dv; ++d) o[d] += w * static_cast<float>(vr[d]);
   }
 }
 
 // Scores of QB queries (rows of s, BLOCK apart) against keys [j0, j1): each key row is loaded once for
 // all of them (the Hq / Hkv query heads of a KV head, times the verify block's queries).
-template <int NV, int QB>
-inline void scores_group(const float* const* q, const float* k, int64_t ks, int64_t j0, int64_t j1, float scale,
+template <int NV, int QB, typename T>
+inline void scores_group(const float* const* q, const T* k, int64_t ks, int64_t j0, int64_t j1, float scale,
                          float* s) {
   Vec qv[QB][NV];
   for (int i = 0; i < QB; ++i)
     for (int c = 0; c < NV; ++c) qv[i][c] = Vec::loadu(q[i] + c * Vec::size());
   for (int64_t j = j0; j < j1; ++j) {
-    const float* kr = k + j * ks;
+    const T* kr = k + j * ks;
     prefetch_row(kr + PREFETCH_KEYS * ks, NV * Vec::size());
     Vec kv[NV];
-    for (int c = 0; c < NV; ++c) kv[c] = Vec::loadu(kr + c * Vec::size());
+    load_row<NV>(kr, kv);
     for (int i = 0; i < QB; ++i) {
       Vec acc = qv[i][0] * kv[0];
       for (int c = 1; c < NV; ++c) acc = at::vec::fmadd(qv[i][c], kv[c], acc);
@@ -104,16 +125,15 @@ inline void scores_group(const float* const* q, const float* k, int64_t ks, int6
 
 // o_i[0, Dv) = sum_j p_i[j - j0] v[j] for QB queries over keys [j0, j1): each value row is loaded once
 // and feeds QB x NV independent accumulators (one chain per query would wait on its FMA latency).
-template <int NV, int QB>
-inline void weighted_group(const float* p, const float* v, int64_t vs, int64_t j0, int64_t j1, float* const* o) {
+template <int NV, int QB, typename T>
+inline void weighted_group(const float* p, const T* v, int64_t vs, int64_t j0, int64_t j1, float* const* o) {
   Vec acc[QB][NV];
   for (int i = 0; i < QB; ++i)
     for (int c = 0; c < NV; ++c) acc[i][c] = Vec(0.f);
   for (int64_t j = j0; j < j1; ++j) {
     prefetch_row(v + (j + PREFETCH_KEYS) * vs, NV * Vec::size());
-    const float* vr = v + j * vs;
     Vec vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = Vec::loadu(vr + c * Vec::size());
+    load_row<NV>(v + j * vs, vv);
     for (int i = 0; i < QB; ++i) {
       const Vec w(p[i * BLOCK + (j - j0)]);
       for (int c = 0; c < NV; ++c) acc[i][c] = at::vec::fmadd(w, vv[c], acc[i][c]);
@@ -143,25 +163,23 @@ inline void in_groups(int64_t R, F&& f) {
     for (; i < R; ++i) f(std::integral_constant<int, 1>{}, i);
 }
 
-template <int NV>
-void scores_all(const float* const* q, int64_t R, const float* k, int64_t ks, int64_t j0, int64_t j1, float scale,
+template <int NV, typename T>
+void scores_all(const float* const* q, int64_t R, const T* k, int64_t ks, int64_t j0, int64_t j1, float scale,
                 float* s) {
   in_groups<NV>(R, [&](auto qb, int64_t i) { scores_group<NV, decltype(qb)::value>(q + i, k, ks, j0, j1, scale, s + i * BLOCK); });
 }
 
-template <int NV>
-void weighted_all(const float* p, int64_t R, const float* v, int64_t vs, int64_t j0, int64_t j1, float* const* o) {
+template <int NV, typename T>
+void weighted_all(const float* p, int64_t R, const T* v, int64_t vs, int64_t j0, int64_t j1, float* const* o) {
   in_groups<NV>(R, [&](auto qb, int64_t i) { weighted_group<NV, decltype(qb)::value>(p + i * BLOCK, v, vs, j0, j1, o + i); });
 }
 
-at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                            const std::optional<at::Tensor>& mask_in, double scale, bool causal) {
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "decode_attention: q, k, v must be 4-D");
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat &&
-                  v_in.scalar_type() == at::kFloat,
-              "decode_attention: fp32 only");
+template <typename T>
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                  const std::optional<at::Tensor>& mask_in, double scale, bool causal) {
   auto last_contig = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor q = last_contig(q_in), k = last_contig(k_in), v = last_contig(v_in);
+  // queries are few: widened once; keys and values are widened as each row is loaded
+  const at::Tensor q = last_contig(q_in.to(at::kFloat)), k = last_contig(k_in), v = last_contig(v_in);
   const int64_t B = q.size(0), Hq = q.size(1), Tq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Tk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(Hq % Hkv == 0 && k.size(0) == B && v.size(0) == B && k.size(3) == D && v.size(2) == Tk &&
@@ -184,8 +202,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
   const float fscale = static_cast<float>(scale);
 
   // Per query: how many leading keys it may see (mask rows shared by heads are scanned once).
@@ -223,7 +241,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
   std::vector<float> pmax(ntasks * R, NEG_INF), psum(ntasks * R, 0.f), pout(ntasks * R * Dv, 0.f);
 
   int64_t kv_bytes = 0;
-  for (int64_t bg = 0; bg < B * Hkv; ++bg) kv_bytes += group_len[bg] * (D + Dv) * 4;
+  for (int64_t bg = 0; bg < B * Hkv; ++bg) kv_bytes += group_len[bg] * (D + Dv) * static_cast<int64_t>(sizeof(T));
   const int64_t grain = kv_bytes < PARALLEL_BYTES ? std::max<int64_t>(ntasks, 1) : 1;
 
   at::parallel_for(0, ntasks, grain, [&](int64_t begin, int64_t end) {
@@ -235,8 +253,8 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
       while (task >= task_start[bg + 1]) ++bg;
       const int64_t b = bg / Hkv, g = bg % Hkv;
       const int64_t j0 = (task - task_start[bg]) * BLOCK;
-      const float* kb = kp + b * ks0 + g * ks1;
-      const float* vb = vp + b * vs0 + g * vs1;
+      const T* kb = kp + b * ks0 + g * ks1;
+      const T* vb = vp + b * vs0 + g * vs1;
       // Every query of the group is scored over the keys any of them may see in this block; each then
       // keeps its own visible ones (the rest get weight 0), so K and V rows are read once for all.
       int64_t jmax = j0;
@@ -319,7 +337,18 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k_in, cons
       for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
     }
   }
-  return out;
+  return q_in.scalar_type() == at::kFloat ? out : out.to(q_in.scalar_type());
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double scale, bool causal) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "decode_attention: q, k, v must be 4-D");
+  const at::ScalarType t = q.scalar_type();
+  TORCH_CHECK((t == at::kFloat || t == at::kBFloat16) && k.scalar_type() == t && v.scalar_type() == t,
+              "decode_attention: q, k, v all fp32 or all bf16, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
+              v.scalar_type());
+  return t == at::kFloat ? attend<float>(q, k, v, mask, scale, causal)
+                         : attend<at::BFloat16>(q, k, v, mask, scale, causal);
 }
 
 }  // namespace

@@ -52,10 +52,14 @@ inline void load_panel(const float* p, Vec& w0, Vec& w1) {
 inline void load_panel(const at::Half* p, Vec& w0, Vec& w1) {
   std::tie(w0, w1) = at::vec::convert_to_float<at::Half>(at::vec::Vectorized<at::Half>::loadu(p));
 }
+inline void load_panel(const at::BFloat16* p, Vec& w0, Vec& w1) {
+  std::tie(w0, w1) = at::vec::convert_to_float<at::BFloat16>(at::vec::Vectorized<at::BFloat16>::loadu(p));
+}
 
-// R input rows against one panel (cols <= P live output columns) of weights of type W.
-template <typename W, int R>
-inline void panel(const float* x, int64_t ldx, const W* wp, int64_t K, const float* b, float* y, int64_t ldy,
+// R input rows of type X (fp32, or bf16 widened as read) against one panel (cols <= P live output columns)
+// of weights of type W; the results are stored as X.
+template <typename W, typename X, int R>
+inline void panel(const X* x, int64_t ldx, const W* wp, int64_t K, const float* b, X* y, int64_t ldy,
                   int64_t cols) {
   Vec acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = Vec(0.f);
@@ -65,7 +69,7 @@ inline void panel(const float* x, int64_t ldx, const W* wp, int64_t K, const flo
     Vec w0, w1;
     load_panel(wp + k * P, w0, w1);
     for (int r = 0; r < R; ++r) {
-      const Vec xb(x[r * ldx + k]);
+      const Vec xb(static_cast<float>(x[r * ldx + k]));
       acc0[r] = at::vec::fmadd(xb, w0, acc0[r]);
       acc1[r] = at::vec::fmadd(xb, w1, acc1[r]);
     }
@@ -76,16 +80,21 @@ inline void panel(const float* x, int64_t ldx, const W* wp, int64_t K, const flo
       acc0[r] = acc0[r] + Vec::loadu(b, lo);
       if (hi > 0) acc1[r] = acc1[r] + Vec::loadu(b + V, hi);
     }
-    acc0[r].store(y + r * ldy, lo);
-    if (hi > 0) acc1[r].store(y + r * ldy + V, hi);
+    if constexpr (std::is_same_v<X, float>) {
+      acc0[r].store(y + r * ldy, lo);
+      if (hi > 0) acc1[r].store(y + r * ldy + V, hi);
+    } else {  // both vectors rounded into one bf16 vector of P lanes
+      at::vec::convert_from_float<X>(acc0[r], acc1[r]).store(y + r * ldy, cols);
+    }
   }
 }
 
-template <typename W>
-using PanelFn = void (*)(const float*, int64_t, const W*, int64_t, const float*, float*, int64_t, int64_t);
-template <typename W>
-constexpr PanelFn<W> BY_ROWS[ROWS + 1] = {nullptr,      panel<W, 1>, panel<W, 2>, panel<W, 3>, panel<W, 4>,
-                                          panel<W, 5>, panel<W, 6>, panel<W, 7>, panel<W, 8>};
+template <typename W, typename X>
+using PanelFn = void (*)(const X*, int64_t, const W*, int64_t, const float*, X*, int64_t, int64_t);
+template <typename W, typename X>
+constexpr PanelFn<W, X> BY_ROWS[ROWS + 1] = {nullptr,         panel<W, X, 1>, panel<W, X, 2>,
+                                             panel<W, X, 3>,  panel<W, X, 4>, panel<W, X, 5>,
+                                             panel<W, X, 6>,  panel<W, X, 7>, panel<W, X, 8>};
 
 // One tensor handed to the op for a weight, and its version counter when last seen. Compiled graphs
 // may each hold their own alias of a weight (a fused q/k/v view made per graph, a parameter rebound by
@@ -152,30 +161,37 @@ at::Tensor packed_for(const at::Tensor& w, at::ScalarType dtype) {
   return packed;
 }
 
+// W: the copy's element type. fp32 x and w with an fp32 or fp16 copy, or bf16 x and w with a bf16 copy
+// (a bf16 model: x widened as read, fp32 accumulation, the result rounded to bf16 once, as BLAS does).
 template <typename W>
 at::Tensor panel_linear_impl(const char* name, const at::Tensor& x, const at::Tensor& w,
                              const c10::optional<at::Tensor>& bias) {
+  using X = std::conditional_t<std::is_same_v<W, at::BFloat16>, at::BFloat16, float>;
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name,
               ": x [M, K] and w [N, K] expected, got ", x.sizes(), " and ", w.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, name, ": fp32 only");
-  const at::ScalarType copy = std::is_same_v<W, float> ? at::kFloat : at::kHalf;
+  constexpr bool bf16 = std::is_same_v<W, at::BFloat16>;
+  const at::ScalarType io = bf16 ? at::kBFloat16 : at::kFloat;
+  TORCH_CHECK(x.scalar_type() == io && w.scalar_type() == io, name,
+              bf16 ? ": bf16 x and w expected" : ": fp32 only", ", got ", x.scalar_type(), " and ", w.scalar_type());
+  const at::ScalarType copy = c10::CppTypeToScalarType<W>::value;
   if (w.is_inference())  // no version counter to keep a copy in sync with
-    return copy == at::kFloat ? at::linear(x, w, bias) : at::linear(x, w.to(copy).to(at::kFloat), bias);
+    return copy == io ? at::linear(x, w, bias) : at::linear(x, w.to(copy).to(io), bias);
   const at::Tensor wp = packed_for(w, copy);
   const at::Tensor xc = x.contiguous();
   const int64_t M = xc.size(0), K = xc.size(1), N = w.size(0), panels = wp.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = at::empty({M, N}, xc.options());
   if (M == 0 || N == 0) return y;
   at::Tensor bc;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.numel() == N && bc.scalar_type() == at::kFloat, name, ": bias must be fp32 [N]");
+    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == io, name, ": bias must be ",
+                bf16 ? "bf16" : "fp32", " [N]");
+    bc = bias->to(at::kFloat).contiguous();
     bp = bc.data_ptr<float>();
   }
-  const float* xp = xc.data_ptr<float>();
+  const X* xp = xc.data_ptr<X>();
   const W* wpp = wp.data_ptr<W>();
-  float* yp = y.data_ptr<float>();
+  X* yp = y.data_ptr<X>();
   // ~64 KB of weights per task at least: a smaller split costs more in fork/join than it saves
   const int64_t grain = std::max<int64_t>(1, (64 * 1024) / (P * K * static_cast<int64_t>(sizeof(W))));
   at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
@@ -184,14 +200,17 @@ at::Tensor panel_linear_impl(const char* name, const at::Tensor& x, const at::Te
       const W* wt = wpp + p * K * P;
       for (int64_t m = 0; m < M; m += ROWS) {  // more than 8 rows: the panel is in L1/L2 by then
         const int64_t r = std::min<int64_t>(ROWS, M - m);
-        BY_ROWS<W>[r](xp + m * K, K, wt, K, bp ? bp + n : nullptr, yp + m * N + n, N, cols);
+        BY_ROWS<W, X>[r](xp + m * K, K, wt, K, bp ? bp + n : nullptr, yp + m * N + n, N, cols);
       }
     }
   });
   return y;
 }
 
+// fp32 or bf16 (a bf16 model's decode: half the bytes of fp32 to stream, the kernel unchanged).
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  if (x.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kBFloat16)
+    return panel_linear_impl<at::BFloat16>("panel_linear", x, w, bias);
   return panel_linear_impl<float>("panel_linear", x, w, bias);
 }
 
