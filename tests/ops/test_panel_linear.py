@@ -163,3 +163,7 @@ def test_bf16_weights_keep_a_bf16_copy_and_round_the_fp32_product_once():
     torch.testing.assert_close(y.float(), want.bfloat16().float(), rtol=2**-7, atol=1e-5)
     with pytest.raises(RuntimeError, match=r"bias must be bf16 \[N\]"):
         op(x, w, b.float())
+    for m, k in [(8, 95), (13, 1), (3, 577)]:  # odd K: the last k-step of a pair-packed copy stands alone
+        x, w = torch.randn(m, k).bfloat16(), torch.randn(40, k).bfloat16()
+        want = F.linear(x.float(), w.float()).bfloat16().float()
+        torch.testing.assert_close(op(x, w).float(), want, rtol=2**-7, atol=1e-5)
