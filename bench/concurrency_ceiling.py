@@ -108,8 +108,9 @@ def main() -> None:
     prompts = [list(it.prompt_ids) for it in items]
     outs = [it.output_len for it in items]
     n_out = sum(outs)
-    # decode step j of a request sees its prompt and j earlier outputs: the token-weighted mean context
-    context = round(sum(len(p) * n + n * (n - 1) / 2 for p, n in zip(prompts, outs)) / n_out)
+    # prefill yields each request's first token; decode step j = 1..n-1 sees the prompt and j outputs
+    n_dec = n_out - len(outs)
+    context = round(sum((len(p) + n / 2) * (n - 1) for p, n in zip(prompts, outs)) / max(n_dec, 1))
     print(
         f"{len(prompts)} prompts, {sum(map(len, prompts)):,} prompt and {n_out:,} output tokens; "
         f"mean decode context {context}",
@@ -123,13 +124,13 @@ def main() -> None:
         f"prefill {prefill:.1f} s; decode step batch 1 {t1 * 1e3:.1f} ms, batch {args.c} {tc * 1e3:.1f} ms",
         flush=True,
     )
-    steps = math.ceil(n_out / args.c)
-    seq_1, seq_c = prefill + n_out * t1, prefill + steps * tc
+    steps = math.ceil(n_dec / args.c)
+    seq_1, seq_c = prefill + n_dec * t1, prefill + steps * tc
 
     model = opt.model
-    peak, bw = measure_matmul_peak("cpu"), measure_read_bandwidth("cpu")
+    peak, bw = measure_matmul_peak("cpu", gen.dtype), measure_read_bandwidth("cpu")
     # a decode token is a one-token prefill after `context` cached ones (attention is linear in context)
-    flops = sum(prefill_flops(model, len(p), k) for p, k in zip(prompts, cached)) + n_out * prefill_flops(
+    flops = sum(prefill_flops(model, len(p), k) for p, k in zip(prompts, cached)) + n_dec * prefill_flops(
         model, context + 1, context
     )
     weights = weight_bytes_per_token(model)

@@ -1,5 +1,5 @@
 """SavedGraph (lowering/artifact.py): a saved graph that calls our C++ CPU kernels loads them when it is
-loaded, since nothing else in a fresh process may have (a decode step run before any prefill failed with
+loaded (directly, or through a tuned_gemm plan that names one), since nothing else in a fresh process may have (a decode step run before any prefill failed with
 "no attribute 'panel_linear'"); one that cannot load them fails to load, so the step cache rebuilds it."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.fx
 
 from zycompile.lowering import artifact
 from zycompile.lowering.artifact import SavedGraph
-from zycompile.ops import cpu_kernels
+from zycompile.ops import cpu_kernels, tuned_linear
 
 
 class Compiled:
@@ -66,6 +66,12 @@ def test_loading_a_graph_that_calls_the_kernels_loads_them_first(loads):
     assert g.loaded and g.cpu_kernels and built == [1]
     SavedGraph.deserialize_compile_artifacts(pickle.dumps((b"blob", [], {}, False)))
     assert built == [1]  # a graph without them does not build them
+    plans = {10**9: {4: "panel_linear", 64: "onednn"}}  # a tuned_gemm plan whose winner is a C++ kernel
+    try:
+        SavedGraph.deserialize_compile_artifacts(pickle.dumps((b"blob", [], plans, False)))
+    finally:
+        tuned_linear.PLANS.pop(10**9, None)
+    assert built == [1, 1]
     why["value"] = "no C++ compiler"
     with pytest.raises(RuntimeError, match=r"calls zycompile's C\+\+ CPU kernels.*no C\+\+ compiler"):
         SavedGraph.deserialize_compile_artifacts(pickle.dumps((b"blob", [], {}, True)))

@@ -169,6 +169,8 @@ def cmd_bench(args) -> int:
         if system == "zycompile" and len(opt.compile_report().graphs) != graphs_before:
             log("warning: zycompile compiled during the timed run (a shape was not warmed up)")
 
+    if not main_rank:
+        return 0
     # The ceilings MBU and MFU divide by: the better of before and after the runs. One measurement on
     # a shared host can land in a slow spell (a 102 GFLOP/s "peak" gave prefill MFUs of 113-150%).
     bandwidth = max(bandwidth, measure_read_bandwidth.__wrapped__(gen.device.type))
@@ -180,8 +182,6 @@ def cmd_bench(args) -> int:
             if c == 1 and peak:
                 m["prefill_mfu"] = metrics.prefill_mfu(timings[system][c], flops, peak)
 
-    if not main_rank:
-        return 0
     header = (
         f"## zycompile bench — {time.strftime('%Y-%m-%d %H:%M')}\n\n"
         f"`zycompile bench {' '.join(sys.argv[2:])}` — {machine}; recipe `{recipe.source_file}` "

@@ -9,7 +9,8 @@ Inductor's compiled function is serializable on its own (AOTAutograd's bundled c
   rebuilt from that input at the first call: no weight bytes in the artifact.
 - ``tuned_gemm``'s plans (M -> candidate per weight, ``ops/tuned_linear.py``): saved as tables and
   reinstalled at load under the same ids.
-- our C++ CPU kernels, which ``small_gemm`` and ``tuned_gemm`` call directly (``zycompile_cpu::*``):
+- our C++ CPU kernels, which ``small_gemm`` and ``tuned_gemm`` call (``zycompile_cpu::*``, directly or
+  through ``tuned_linear`` when a plan names one):
   a new process has not loaded that extension until something asks for it, so a loaded graph that
   calls it loads it first (a decode step whose graph ran before any prefill failed with "no
   attribute 'panel_linear'").
@@ -99,6 +100,10 @@ class SavedGraph(SerializableCallable):
     @classmethod
     def deserialize_compile_artifacts(cls, data: bytes) -> SavedGraph:
         blob, views, plans, calls_cpu = pickle.loads(data)
+        # tuned_gemm's plans reach the same kernels through tuned_linear when a C++ candidate won
+        calls_cpu = calls_cpu or any(
+            n in cpu_kernels.SMALL_GEMM_OPS for t in plans.values() for n in t.values()
+        )
         if calls_cpu and (why := cpu_kernels.build()) is not None:
             raise RuntimeError(
                 f"the saved graph calls zycompile's C++ CPU kernels, which cannot load here ({why})"

@@ -29,18 +29,19 @@ def build() -> str | None:
     """Build or load the extension (its ops land in ``torch.ops.zycompile_cpu``); None if it is there,
     else why not (``load_extension``)."""
     isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
+    flags = ["-O3", "-ffp-contract=fast", "-fopenmp", *isa]  # OpenMP: at::parallel_for
+    why = "no AVX512-BF16"
     if (
         isa
         and isa[0] == "-DCPU_CAPABILITY_AVX512"
         and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()
     ):
-        isa = [*isa, "-mavx512bf16", "-DZY_DPBF16"]  # panel_linear's bf16 pairs (vdpbf16ps)
-    why = load_extension(
-        "zycompile_cpu_kernels",
-        SOURCES,
-        ["-O3", "-ffp-contract=fast", "-fopenmp", *isa],  # OpenMP: at::parallel_for
-        ["-fopenmp"],
-    )
+        # panel_linear's bf16 pairs (vdpbf16ps); a compiler without the flag must not cost the other kernels
+        why = load_extension(
+            "zycompile_cpu_kernels", SOURCES, [*flags, "-mavx512bf16", "-DZY_DPBF16"], ["-fopenmp"]
+        )
+    if why is not None:
+        why = load_extension("zycompile_cpu_kernels", SOURCES, flags, ["-fopenmp"])
     if why is None:
         _register_fakes()
     return why

@@ -177,7 +177,7 @@ class TunedGemmPass(GraphPass):
             if all(name == DEFAULT for name in table.values()):
                 counts["default_fastest"] += 1
                 continue
-            if set(table.values()) <= set(SMALL_GEMM_OPS) and self._small_gemm_takes(site.m):
+            if set(table.values()) <= set(SMALL_GEMM_OPS) and self._small_gemm_takes(site.m, shape.dtype):
                 # a small-GEMM kernel won: small_gemm's own kernel serves it, without our dispatch op
                 counts["left_to_small_gemm"] += 1
                 continue
@@ -226,15 +226,22 @@ class TunedGemmPass(GraphPass):
             log.warning("tuned_gemm: graph %d: %s", self.ctx.graph_index, "; ".join(notes[:2]))
         return PassResult(modified=counts["swapped"] > 0, matches=counts["swapped"], notes=notes)
 
-    def _small_gemm_takes(self, m: int | None) -> bool:
+    def _small_gemm_takes(self, m: int | None, dtype: str) -> bool:
         """Whether the recipe's ``small_gemm`` (later in the graph) writes this static M as one of its C++
-        kernels (the one its ``kernel`` option names: ``auto`` = panel_linear, ``rows`` = small_linear)."""
+        kernels (the one its ``kernel`` option names: ``auto`` = panel_linear, fp32 or bf16; ``rows`` =
+        small_linear, fp32 only)."""
         spec = next((p for p in self.ctx.recipe.passes if p.name == "small_gemm"), None)
+        kernel = spec.options.kernel if spec is not None else None
         return (
-            m is not None
-            and spec is not None
-            and spec.options.kernel in ("auto", "rows")
+            kernel is not None
+            and m is not None
             and m <= spec.options.max_m
+            and (
+                kernel == "auto"
+                and dtype in ("float32", "bfloat16")
+                or kernel == "rows"
+                and dtype == "float32"
+            )
         )
 
     def _table(self, db, shape, m) -> dict[int, str]:

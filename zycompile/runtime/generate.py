@@ -59,7 +59,7 @@ class Generator:
         self.dynamic_prefill = rt.prefill == "dynamic"
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if self.device.type == "cpu" and self.dtype == torch.float32:
+        if self.device.type == "cpu" and self.dtype in cpu_decode_attention.KERNEL_DTYPES:
             cpu_decode_attention.load()  # build (first run on a machine) or load it now, not in a timed step
         self.cache = cache_for_recipe(
             self.recipe, self.model.config, rt.batch_buckets[-1], self.dtype, self.device
