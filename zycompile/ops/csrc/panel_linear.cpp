@@ -10,6 +10,9 @@
 // cold: M = 1 / 4 / 8 in 22.5 / 21.1 / 19.8 ms against small_linear's 25.3 / 28.3 / 31.6
 // (bench/small_linear.py).
 //
+// bf16 x and w (a bf16 model) keep a bf16 copy, accumulate in fp32 and round each result once; on CPUs
+// with AVX512-BF16 the copy is packed as k-pairs for vdpbf16ps (panel_pairs), elsewhere widened as read.
+//
 // The packed copy is made on the first call with a weight and kept in a cache checked against the
 // weight's storage (held weakly: while an entry exists no other storage can take its identity),
 // offset, geometry and the version counters of the tensors it was handed, so a freed, replaced or
