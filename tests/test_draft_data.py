@@ -26,6 +26,27 @@ def test_generated_replies_are_the_targets_greedy_outputs(tmp_path, monkeypatch)
     assert got == {tuple(p): w for p, w in zip(PROMPTS, want)}
 
 
+def test_the_generating_model_is_released_when_the_replies_are_written(tmp_path, monkeypatch):
+    """train-draft generates replies before it loads its training copy of the model: the compiled copy
+    must be gone by then, or both sit in memory together."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(draft_data, "training_prompts", lambda encode, count, seed, max_len: PROMPTS[:count])
+    models, optimize = [], zycompile.optimize
+
+    def spy(*args, **kwargs):
+        opt = optimize(*args, **kwargs)
+        models.append(weakref.ref(opt.model))
+        return opt
+
+    monkeypatch.setattr(zycompile, "optimize", spy)
+    recipe = zycompile.load_recipe("llama-tiny", FAST)
+    draft_data.generate_replies(recipe, tmp_path / "r.jsonl", 2, max_new_tokens=3, batch=2, seed=0, log=print)
+    gc.collect()
+    assert len(models) == 1 and models[0]() is None
+
+
 def test_reply_rows_pack_prompt_and_reply_and_cap_each_sequence(tmp_path):
     path = tmp_path / "r.jsonl"
     seqs = [{"prompt": [1, 2], "output": list(range(10, 30))}, {"prompt": [3], "output": [4, 5, 6]}]

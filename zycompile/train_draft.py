@@ -264,6 +264,21 @@ def cmd_train_draft(args) -> int:
     recipe = zycompile.load_recipe(args.recipe, args.overrides)
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
+    if args.replies and not Path(args.replies).is_file():
+        # before the training copy of the model is loaded: the generating one (compiled, with its
+        # packed weights) is freed when this returns, so the two never sit in memory together
+        log(f"generating {args.generate_replies} replies into {args.replies}")
+        # prompts of at most --seq-len tokens: a row takes 2 x --seq-len of a prompt + reply
+        generate_replies(
+            recipe,
+            args.replies,
+            args.generate_replies,
+            args.reply_len,
+            args.reply_batch,
+            args.seed,
+            log,
+            max_prompt_len=args.seq_len,
+        )
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if cpu_has_bf16() else "float32"
     log(f"compute dtype {dtype}")
     loaded = load_model(recipe.model.source, dtype)
@@ -273,19 +288,6 @@ def cmd_train_draft(args) -> int:
         raise ZyError(f"{recipe.model.source}: train-draft needs a tokenizer with a chat template")
     decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
     if args.replies:
-        if not Path(args.replies).is_file():
-            log(f"generating {args.generate_replies} replies into {args.replies}")
-            # prompts of at most --seq-len tokens: a row takes 2 x --seq-len of a prompt + reply
-            generate_replies(
-                recipe,
-                args.replies,
-                args.generate_replies,
-                args.reply_len,
-                args.reply_batch,
-                args.seed,
-                log,
-                max_prompt_len=args.seq_len,
-            )
         rows = reply_rows(args.replies, args.seq_len, n_train + args.val_rows, args.seed)
     else:
         rows = token_rows(tok, args.seq_len, n_train + args.val_rows, args.seed)
