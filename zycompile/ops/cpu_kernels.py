@@ -30,18 +30,13 @@ def build() -> str | None:
     else why not (``load_extension``)."""
     isa = _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
     flags = ["-O3", "-ffp-contract=fast", "-fopenmp", *isa]  # OpenMP: at::parallel_for
-    why = "no AVX512-BF16"
-    if (
-        isa
-        and isa[0] == "-DCPU_CAPABILITY_AVX512"
-        and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()
-    ):
-        # panel_linear's bf16 pairs (vdpbf16ps); a compiler without the flag must not cost the other kernels
-        why = load_extension(
-            "zycompile_cpu_kernels", SOURCES, [*flags, "-mavx512bf16", "-DZY_DPBF16"], ["-fopenmp"]
-        )
-    if why is not None:
-        why = load_extension("zycompile_cpu_kernels", SOURCES, flags, ["-fopenmp"])
+    tries = [flags]
+    if isa[:1] == ["-DCPU_CAPABILITY_AVX512"] and getattr(torch.cpu, "_is_avx512_bf16_supported", bool)():
+        # panel_linear's bf16 pairs (vdpbf16ps) first; a compiler without the flag must not cost the rest
+        tries.insert(0, [*flags, "-mavx512bf16", "-DZY_DPBF16"])
+    for cflags in tries:
+        if (why := load_extension("zycompile_cpu_kernels", SOURCES, cflags, ["-fopenmp"])) is None:
+            break
     if why is None:
         _register_fakes()
     return why
@@ -71,6 +66,10 @@ def load_extension(name: str, sources, cflags: list[str], ldflags: list[str] = (
 SMALL_LINEAR_MAX_M = 16
 # The small-GEMM ops (``zycompile_cpu::<name>``) the small_gemm pass writes into graphs as direct calls.
 SMALL_GEMM_OPS = ("small_linear", "panel_linear")
+# The dtypes each takes (panel_linear keeps its copy in the weight's dtype; bf16 accumulates in fp32).
+SMALL_GEMM_DTYPES = {"small_linear": (torch.float32,), "panel_linear": (torch.float32, torch.bfloat16)}
+# The op each ``small_gemm`` ``kernel`` option writes (``reduction``: none, Inductor's reductions).
+SMALL_GEMM_KERNEL_OPS = {"auto": "panel_linear", "rows": "small_linear"}
 
 
 @functools.cache  # once per process: a rebuild after ``build.cache_clear`` must not register again

@@ -62,10 +62,8 @@ class SmallGemmPass(GraphPass):
     class Options:
         max_m: int = 8  # largest rows x tokens rewritten (measured on this CPU: M=8 ties BLAS)
         device: str = "cpu"  # only graphs on this device type (GPU GEMV kernels are already fine)
-        kernel: str = (
-            "auto"  # "auto": the C++ panel kernel for fp32 and bf16 where it builds; "rows": the row-major
-        )
-        # C++ kernel (no weight copy); "reduction": Inductor's
+        kernel: str = "auto"  # "auto": the C++ panel kernel (fp32, bf16) where it builds; "rows": the
+        # row-major C++ kernel (fp32, no weight copy); "reduction": Inductor's
 
         def check(self):
             if self.kernel not in KERNELS:
@@ -109,21 +107,20 @@ class SmallGemmPass(GraphPass):
 
     def _kernel(self, w: torch.Tensor, notes: list[str]) -> str | None:
         """The ``zycompile_cpu`` op to call, or None for Inductor's reductions."""
-        # the panel kernel takes fp32 and bf16; the row-major one fp32 only
-        dtypes = (torch.float32, torch.bfloat16) if self.opts.kernel == "auto" else (torch.float32,)
+        op = cpu_kernels.SMALL_GEMM_KERNEL_OPS.get(self.opts.kernel)
         if (
-            self.opts.kernel == "reduction"
-            or self.ctx.exporting
-            or w.dtype not in dtypes
+            op is None
+            or self.ctx.exporting  # a package must not need our extension where it is loaded
+            or w.dtype not in cpu_kernels.SMALL_GEMM_DTYPES[op]
             or w.device.type != "cpu"
         ):
-            return None  # a package must not need our extension where it is loaded
+            return None
         why = cpu_kernels.build()
         if why is not None:
             if not any(n.startswith("C++ small-GEMM kernels") for n in notes):
                 notes.append(f"C++ small-GEMM kernels unavailable ({why}); using Inductor reductions")
             return None
-        return "panel_linear" if self.opts.kernel == "auto" else "small_linear"
+        return op
 
     @staticmethod
     def _rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, m: int, kernel: str | None) -> None:
@@ -150,7 +147,7 @@ class SmallGemmPass(GraphPass):
 
 def _panel_bytes(w: torch.Tensor, kernel: str | None) -> int:
     """The copy ``kernel`` keeps of ``w`` (0 for the kernels that keep none): rows padded to whole
-    panels (at most 32 columns each), in fp32 or, for ``panel_linear_f16``, fp16."""
+    panels (at most 32 columns each), in the weight's dtype or, for ``panel_linear_f16``, fp16."""
     per = {"panel_linear": w.element_size(), "panel_linear_f16": 2}.get(kernel, 0)
     return -(-w.shape[0] // 32) * 32 * w.shape[1] * per
 

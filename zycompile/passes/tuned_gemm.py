@@ -37,6 +37,7 @@ import torch
 import torch.fx
 
 from zycompile.errors import TuningDBError
+from zycompile.ops import cpu_kernels
 from zycompile.ops.cpu_kernels import SMALL_GEMM_OPS
 from zycompile.ops.tuned_linear import PLANS, plan_for
 from zycompile.passes import register_pass
@@ -227,21 +228,15 @@ class TunedGemmPass(GraphPass):
         return PassResult(modified=counts["swapped"] > 0, matches=counts["swapped"], notes=notes)
 
     def _small_gemm_takes(self, m: int | None, dtype: str) -> bool:
-        """Whether the recipe's ``small_gemm`` (later in the graph) writes this static M as one of its C++
-        kernels (the one its ``kernel`` option names: ``auto`` = panel_linear, fp32 or bf16; ``rows`` =
-        small_linear, fp32 only)."""
+        """Whether the recipe's ``small_gemm`` (later in the graph) writes this static M and dtype as one
+        of its C++ kernels (the one its ``kernel`` option names)."""
         spec = next((p for p in self.ctx.recipe.passes if p.name == "small_gemm"), None)
-        kernel = spec.options.kernel if spec is not None else None
+        op = cpu_kernels.SMALL_GEMM_KERNEL_OPS.get(spec.options.kernel) if spec is not None else None
         return (
-            kernel is not None
+            op is not None
             and m is not None
             and m <= spec.options.max_m
-            and (
-                kernel == "auto"
-                and dtype in ("float32", "bfloat16")
-                or kernel == "rows"
-                and dtype == "float32"
-            )
+            and getattr(torch, dtype) in cpu_kernels.SMALL_GEMM_DTYPES[op]
         )
 
     def _table(self, db, shape, m) -> dict[int, str]:

@@ -173,16 +173,19 @@ def _split_n_run(x, blocks, b):
     return out
 
 
-def _small_linear_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    from zycompile.ops import cpu_kernels
+def _cpu_kernel_ok(op: str) -> Callable[[torch.device, torch.dtype], bool]:
+    """Availability of the C++ small-GEMM op ``op``: a CPU, a dtype it takes, an extension that builds."""
 
-    return device.type == "cpu" and dtype == torch.float32 and cpu_kernels.build() is None
+    def ok(device: torch.device, dtype: torch.dtype) -> bool:
+        from zycompile.ops import cpu_kernels
 
+        return (
+            device.type == "cpu"
+            and dtype in cpu_kernels.SMALL_GEMM_DTYPES[op]
+            and cpu_kernels.build() is None
+        )
 
-def _panel_linear_ok(device: torch.device, dtype: torch.dtype) -> bool:  # fp32 and bf16 (a bf16 copy)
-    from zycompile.ops import cpu_kernels
-
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels.build() is None
+    return ok
 
 
 def _panel_linear_run(x, w, b):
@@ -251,11 +254,19 @@ CANDIDATES: dict[str, Candidate] = {
             available=_split_n_ok,
         ),
         Candidate(
-            "small_linear", lambda w, m: w, _small_linear_run, copies_weight=False, available=_small_linear_ok
+            "small_linear",
+            lambda w, m: w,
+            _small_linear_run,
+            copies_weight=False,
+            available=_cpu_kernel_ok("small_linear"),
         ),
         # the op keeps its panel-packed copy itself (made on the first call with a weight)
         Candidate(
-            "panel_linear", lambda w, m: w, _panel_linear_run, copies_weight=True, available=_panel_linear_ok
+            "panel_linear",
+            lambda w, m: w,
+            _panel_linear_run,
+            copies_weight=True,
+            available=_cpu_kernel_ok("panel_linear"),
         ),
     ]
 }
