@@ -56,6 +56,16 @@ def test_verify_block_padding_broadcasts_and_head_dims():
 
 
 @needs_kernel
+def test_a_mask_shared_by_the_heads_with_empty_rows():
+    """A mixed step's prompt chunk: queries broadcast over the batch, one row's mask visible (a chunk
+    triangle), the others empty; the mask is scanned once per row for all heads."""
+    q, k, v = _qkv(5, 4, 3, 3, 6, 300, 64)
+    mask = torch.zeros(4, 1, 6, 300, dtype=torch.bool)
+    mask[2] = _prefix([140], 6, 300)[0]
+    _check(q[:1].expand(4, -1, -1, -1), k, v, mask)
+
+
+@needs_kernel
 def test_causal_flag_is_bottom_right_aligned_with_or_without_mask():
     q, k, v = _qkv(3, 2, 1, 4, 6, 50, 64)
     _check(q, k, v, None, causal=True)

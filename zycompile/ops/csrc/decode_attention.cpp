@@ -219,7 +219,11 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
     for (int64_t h = 0; h < Hq; ++h)
       for (int64_t t = 0; t < Tq; ++t) {
         int64_t n = causal ? std::max<int64_t>(0, std::min(Tk, t + Tk - Tq + 1)) : Tk;
-        if (mp) {
+        if (mp && ms1 == 0 && h > 0) {  // a mask shared by the heads: its rows were scanned for head 0
+          const int64_t first = (b * Hq) * Tq + t;
+          n = std::min(n, len[first]);
+          prefix[(b * Hq + h) * Tq + t] = prefix[first];
+        } else if (mp) {
           const bool* row = mp + b * ms0 + h * ms1 + t * ms2;
           if (row != memo_row) {
             memo_row = row, memo = last_visible(row, Tk);
