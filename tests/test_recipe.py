@@ -303,6 +303,13 @@ BAD = [
         "got -1",
         [">= 0", "0 turns it off"],
     ),
+    (
+        "negative-mixed-prefill",
+        "runtime:\n  mixed_prefill_tokens: -4\n",
+        "runtime.mixed_prefill_tokens",
+        "got -4",
+        [">= 0", "0 turns mixed steps off"],
+    ),
     ("tiny-max-seq-len", "runtime:\n  max_seq_len: 1\n", "runtime.max_seq_len", "got 1", [">= 2"]),
     # Inductor options
     (

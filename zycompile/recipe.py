@@ -108,6 +108,11 @@ class RuntimeSection:
     # running requests (runtime/prefill_worker.py). Off by default: on the 2-core EPYC it moved c=8 +2%
     # (1-thread decode is 1.5-1.7x slower than 2-thread); bench/prefill_overlap.py says if it pays
     prefill_overlap: bool = False
+    # engine: while requests decode, a waiting prompt runs in chunks of this many tokens inside the decode
+    # step (one forward over batch + chunk rows, runtime/mixed_step.py) instead of as its own forward;
+    # 0: off. Where a recipe cannot (speculative decoding, a sharded KV cache) the engine says so and
+    # prefills chunks alone.
+    mixed_prefill_tokens: int = 0
 
     def check(self):
         if self.max_seq_len < 2:
@@ -125,6 +130,11 @@ class RuntimeSection:
                     f"got {list(self.prefill_buckets)!r}; every bucket must be <= runtime.max_seq_len "
                     f"({self.max_seq_len})"
                 ),
+            )
+        if self.mixed_prefill_tokens < 0:
+            yield (
+                "mixed_prefill_tokens",
+                f"got {self.mixed_prefill_tokens!r}; expected an integer >= 0 (0 turns mixed steps off)",
             )
         if self.threads is not None and self.threads < 1:
             yield "threads", f"got {self.threads!r}; expected an integer >= 1 or null"

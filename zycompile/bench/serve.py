@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from zycompile.bench.metrics import RequestTiming
 from zycompile.bench.workload import WorkItem
-from zycompile.runtime import prefill_worker
+from zycompile.runtime import mixed_step, prefill_worker
 from zycompile.runtime.engine import Engine
 from zycompile.runtime.generate import Generator, bucket_for
 from zycompile.runtime.sampling import SamplingParams
@@ -18,8 +18,9 @@ from zycompile.runtime.sampling import SamplingParams
 
 def warmup(gen: Generator, concurrency: int) -> None:
     """Compile every graph the run can need: each prefill bucket (one request into a slot), each
-    decode batch bucket up to the one covering ``concurrency`` slots, and their split-thread copies
-    where the engine prefills beside decode."""
+    decode batch bucket up to the one covering ``concurrency`` slots, the mixed steps of the buckets
+    past 1 (a prompt chunk beside decoding rows), and the split-thread copies where the engine
+    prefills beside decode."""
     dev = gen.device
     prefill = gen.speculator.prefill_chunk if gen.speculator else gen.prefill_chunk
     for width in gen.prefill_buckets:
@@ -32,6 +33,10 @@ def warmup(gen: Generator, concurrency: int) -> None:
         gen.step(
             torch.ones(b, 1, dtype=torch.long, device=dev), pos, torch.zeros(b, dtype=torch.long, device=dev)
         )
+    if gen.mixed_tokens and concurrency > 1:  # decode + a prompt chunk in one forward, per batch bucket
+        for b in [b for b in gen.batch_buckets if 1 < b <= top]:  # a chunk's row and a decoding one
+            ids, pos = torch.ones(b, dtype=torch.long), torch.ones(b, dtype=torch.long)
+            gen.mixed(mixed_step.inputs(ids, pos, [1], 0, gen.mixed_tokens, b - 1, gen.max_seq_len))
     if gen.speculator:  # the verify and drafter graphs of each batch bucket: a few short requests
         for b in [b for b in gen.batch_buckets if b <= top]:
             engine = Engine(gen, max_concurrency=b)

@@ -30,6 +30,7 @@ import torch
 
 from zycompile.errors import GenerationError
 from zycompile.intraop import threads
+from zycompile.runtime import mixed_step
 from zycompile.runtime.generate import Generator, bucket_for
 from zycompile.runtime.prefill_worker import PrefillWorker, overlap_threads
 from zycompile.runtime.prefix_cache import prefix_cache_for
@@ -147,7 +148,10 @@ class Engine:
         decoding = self._decoding()
         if prefilling and in_flight is None:  # the worker runs one prompt at a time
             req = min(prefilling, key=lambda r: r.id)
-            if self.worker is not None and decoding and len(req.prompt) - req.prefilled >= 2:
+            if self.gen.mixed_tokens and decoding:
+                self._mixed(decoding, req)
+                decoding = []  # decoded by the mixed step
+            elif self.worker is not None and decoding and len(req.prompt) - req.prefilled >= 2:
                 self._start_background(req)
             else:
                 self._prefill_chunk(req)
@@ -235,14 +239,40 @@ class Engine:
         bsz = bucket_for(max(self.running) + 1, self.gen.batch_buckets)
         if self.gen.speculator:
             return self._decode_speculative(reqs, bsz)
-        ids = torch.zeros(bsz, 1, dtype=torch.long)
-        pos = torch.tensor([[self._idle_pos(slot)] for slot in range(bsz)], dtype=torch.long)
-        for r in reqs:
-            ids[r.slot, 0] = r.next_token
-            pos[r.slot, 0] = len(r.prompt) + len(r.output) - 1
+        ids, pos = self._decode_inputs(reqs, bsz)
         dev = self.gen.device
-        logits = self.gen.step(ids.to(dev), pos.to(dev), torch.zeros(bsz, dtype=torch.long, device=dev))
+        logits = self.gen.step(
+            ids[:, None].to(dev), pos[:, None].to(dev), torch.zeros(bsz, dtype=torch.long, device=dev)
+        )
+        self._sample_decoded(reqs, logits)
+
+    def _mixed(self, reqs: list[Request], req: Request) -> None:
+        """One mixed step: decode ``reqs`` and run the next chunk of ``req``'s prompt in the same forward."""
+        if req.prefilled == 0 and self.prefix is not None:
+            req.prefilled = req.cached = self.prefix.load(req.prompt, req.slot)
+        bsz = bucket_for(max(self.running) + 1, self.gen.batch_buckets)
+        ids, pos = self._decode_inputs(reqs, bsz)
+        width = self.gen.mixed_tokens
+        chunk = req.prompt[req.prefilled : req.prefilled + width]
+        args = mixed_step.inputs(ids, pos, chunk, req.prefilled, width, req.slot, self.gen.max_seq_len)
+        logits = self.gen.mixed(args)
+        req.prefilled += len(chunk)
+        self._sample_decoded(reqs, logits[:bsz])
+        if req.prefilled == len(req.prompt):
+            self._first_token(req, logits[bsz:])
+
+    def _decode_inputs(self, reqs: list[Request], bsz: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token and position [bsz] of each row of a decode step (idle rows: token 0 at ``_idle_pos``)."""
+        ids = torch.zeros(bsz, dtype=torch.long)
+        pos = torch.tensor([self._idle_pos(slot) for slot in range(bsz)], dtype=torch.long)
+        for r in reqs:
+            ids[r.slot] = r.next_token
+            pos[r.slot] = len(r.prompt) + len(r.output) - 1
+        return ids, pos
+
+    def _sample_decoded(self, reqs: list[Request], logits: torch.Tensor) -> None:
         self.decode_steps += 1
+        bsz = logits.shape[0]
         params = [SamplingParams()] * bsz
         gens: list[torch.Generator | None] = [None] * bsz
         for r in reqs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from zycompile.errors import GenerationError
 from zycompile.ops import cpu_decode_attention
 from zycompile.ops.attention import position_mask
+from zycompile.runtime import mixed_step
 from zycompile.runtime.compile_gate import CompileGate
 from zycompile.runtime.metrics import kv_bytes_per_token, mbu, measure_read_bandwidth, weight_bytes_per_token
 from zycompile.runtime.sampling import SamplingParams, sample
@@ -83,6 +85,25 @@ class Generator:
         from zycompile.runtime.speculative import build_speculator  # it imports this module
 
         self.speculator = build_speculator(self)  # None unless recipe.speculative.method is set
+        # mixed steps (runtime/mixed_step.py): chunk width, 0 when off or impossible (said once, here)
+        self.mixed_tokens = rt.mixed_prefill_tokens
+        if self.mixed_tokens:
+            why = mixed_step.why_not(self)
+            if why is not None:
+                print(f"zycompile: runtime.mixed_prefill_tokens ignored: {why}", file=sys.stderr)
+                self.mixed_tokens = 0
+            else:
+                mixed_step.register()
+                if self.model.config._attn_implementation != mixed_step.ATTN_IMPLEMENTATION:
+                    self.model.set_attn_implementation(
+                        mixed_step.ATTN_IMPLEMENTATION
+                    )  # SDPA but for mixed steps
+                self.compiled_mixed = compile_cached_step(
+                    self._mixed_step,
+                    optimized.backend,
+                    self,
+                    ("input_ids", "pos", "rows", "chunk_visible", "chunk_row", "last"),
+                )
 
     def _can_split_head(self) -> bool:
         # Gather the last hidden state per row before the LM head (prefill computes V logits for one
@@ -117,6 +138,40 @@ class Generator:
             return self.head(hidden[rows, last]).float()
         logits = self.model(input_ids=input_ids, **kwargs).logits
         return logits[rows, last].float()
+
+    def _mixed_step(
+        self,
+        input_ids: torch.Tensor,
+        pos: torch.Tensor,
+        rows: torch.Tensor,
+        chunk_visible: torch.Tensor,
+        chunk_row: torch.Tensor,
+        last: torch.Tensor,
+    ) -> torch.Tensor:
+        """A mixed step (``mixed_step.inputs``): logits [B + 1, V] after each decode token and the chunk's last."""
+        cache = self.cache
+        cache.set_mixed_step(pos, rows)
+        b = chunk_visible.shape[0]
+        layout = mixed_step.layout_for(cache.key_positions, pos, b, chunk_visible, chunk_row)
+        kwargs = {self.cache_kw: cache, "position_ids": pos, "use_cache": True, "zy_mixed": layout}
+        hidden = self.decoder(
+            input_ids=input_ids, attention_mask=layout.decode_mask, **kwargs
+        ).last_hidden_state
+        return self.head(hidden[0, last]).float()
+
+    def mixed(self, args: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Run a mixed step from ``mixed_step.inputs``' arguments (moved to the device here)."""
+        args = {k: t.to(self.device) for k, t in args.items()}
+        b = args["chunk_visible"].shape[0]
+        key = ("mixed", b, self.mixed_tokens, torch.get_num_threads())
+        first = key not in self.seen_shapes
+        if first:
+            self.seen_shapes.add(key)
+            if self.on_compile:
+                verb = compile_verb(self.compiled_mixed, *args.values())
+                self.on_compile(f"{verb} mixed graph for batch {b} + {self.mixed_tokens} prompt tokens")
+        with torch.no_grad(), self.gate.exclusive() if first else self.gate.shared():
+            return self.compiled_mixed(*args.values())
 
     def step_key(self, batch: int, tokens: int, whole_rows: bool = True) -> tuple:
         """The key of ``step``'s graph for these shapes (in ``seen_shapes`` once it is compiled): batch,

@@ -41,6 +41,9 @@ class StaticKVCache:
         # [S'] key positions of the slots the step reads, a prefix of key_positions (None: every slot):
         # a prefill chunk ending at position p needs only slots [0, p], not the whole empty row.
         self.read_keys: torch.Tensor | None = None
+        # [N] cache row of each token of a mixed step's single flat sequence (runtime/mixed_step.py), or
+        # None: update then writes token t at (token_rows[t], write_pos[0, t]) and returns the whole cache.
+        self.token_rows: torch.Tensor | None = None
         # Global position held by each slot (the mask compares these with query positions).
         self.key_positions = torch.arange(max_seq_len, device=device)
 
@@ -79,7 +82,11 @@ class StaticKVCache:
         self, pos: torch.Tensor, rows: torch.Tensor | None = None, keys: torch.Tensor | None = None
     ) -> None:
         """What the next forward does: writes ``pos`` [B, T] into ``rows`` and reads the slots of ``keys``."""
-        self.write_pos, self.rows, self.read_keys = pos, rows, keys
+        self.write_pos, self.rows, self.read_keys, self.token_rows = pos, rows, keys, None
+
+    def set_mixed_step(self, pos: torch.Tensor, token_rows: torch.Tensor) -> None:
+        """The next forward is a mixed step: one flat sequence, token t written at (token_rows[t], pos[0, t])."""
+        self.write_pos, self.rows, self.read_keys, self.token_rows = pos, None, None, token_rows
 
     def prefix_keys(self, n: int) -> torch.Tensor | None:
         """Key positions of the slots holding positions [0, n), when they are the first slots; else None."""
@@ -87,10 +94,15 @@ class StaticKVCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write this step's K/V at ``write_pos`` and return the cache rows the step attends over."""
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self.token_rows is not None:  # a mixed step: [1, H, N, D], each token in its own row
+            slots = self.slot_of(self.write_pos[0])
+            k[self.token_rows, :, slots] = key_states[0].transpose(0, 1).to(k.dtype)
+            v[self.token_rows, :, slots] = value_states[0].transpose(0, 1).to(v.dtype)
+            return k, v
         b = key_states.shape[0]
         rows = torch.arange(b, device=key_states.device) if self.rows is None else self.rows
         slots = self.slot_of(self.write_pos)
-        k, v = self.keys[layer_idx], self.values[layer_idx]
         # x[rows, :, slots] has shape [B, T, H, D]: heads move behind the advanced indices.
         k[rows[:, None], :, slots] = key_states.transpose(1, 2).to(k.dtype)
         v[rows[:, None], :, slots] = value_states.transpose(1, 2).to(v.dtype)
