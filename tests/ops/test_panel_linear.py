@@ -26,7 +26,7 @@ def cache_bytes() -> int:
 
 def test_any_row_count():  # the row-count sweep against F.linear is in test_small_linear.py
     torch.manual_seed(3)
-    for m in (17, 21, 40):  # full 8-row blocks then a remainder
+    for m in (9, 16, 17, 21, 40):  # up to 16 rows in one sweep, then full sweeps and a remainder
         x, w, b = torch.randn(m, 70), torch.randn(45, 70), torch.randn(45)
         torch.testing.assert_close(op(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 

@@ -43,7 +43,15 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t V = Vec::size();
 constexpr int64_t P = 2 * V;     // output columns per panel
 constexpr int64_t AHEAD = 16;    // k-steps prefetched ahead (P floats each): ~2 KB of the stream
-constexpr int64_t ROWS = 8;      // input rows per sweep: 8 x 2 accumulators + 2 weight vectors
+// Input rows per sweep over a panel. 16 rows keep 32 accumulators, more than the 32 registers hold
+// with the weights: a few spill to L1, which costs less than a second sweep. A second sweep reads the
+// panel again from L2 after the first streamed it from memory, so its FMAs run with the memory idle;
+// in one sweep they run while the stream is in flight. SmolLM2's decode GEMMs in model order, weights
+// cold, this kernel against the 8-row one built beside it and alternated (2-core EPYC, RESULTS.md
+// 2026-11-29 17:1x): M = 12 / 16 in 21.6 / 24.5 ms against 28.8 / 29.3, M = 1 / 8 / 32-256 unchanged
+// to 4% faster. The bf16 pair kernel keeps 8 rows a sweep (it is compute-bound by M = 8 already).
+constexpr int64_t ROWS = 16;
+constexpr int64_t PAIR_ROWS = 8;
 
 at::Tensor pack(const at::Tensor& w, at::ScalarType dtype) {
   const int64_t N = w.size(0), K = w.size(1), panels = (N + P - 1) / P;
@@ -145,17 +153,14 @@ inline void panel_pairs(const at::BFloat16* x, int64_t ldx, const at::BFloat16* 
 }
 using PairFn = void (*)(const at::BFloat16*, int64_t, const at::BFloat16*, int64_t, const float*, at::BFloat16*,
                         int64_t, int64_t);
-constexpr PairFn PAIRS_BY_ROWS[ROWS + 1] = {nullptr,         panel_pairs<1>, panel_pairs<2>,
-                                            panel_pairs<3>,  panel_pairs<4>, panel_pairs<5>,
-                                            panel_pairs<6>,  panel_pairs<7>, panel_pairs<8>};
+constexpr PairFn PAIRS_BY_ROWS[PAIR_ROWS + 1] = {nullptr, panel_pairs<1>, panel_pairs<2>, panel_pairs<3>, panel_pairs<4>, panel_pairs<5>, panel_pairs<6>, panel_pairs<7>, panel_pairs<8>};
 #endif
 
 template <typename W, typename X>
 using PanelFn = void (*)(const X*, int64_t, const W*, int64_t, const float*, X*, int64_t, int64_t);
 template <typename W, typename X>
-constexpr PanelFn<W, X> BY_ROWS[ROWS + 1] = {nullptr,         panel<W, X, 1>, panel<W, X, 2>,
-                                             panel<W, X, 3>,  panel<W, X, 4>, panel<W, X, 5>,
-                                             panel<W, X, 6>,  panel<W, X, 7>, panel<W, X, 8>};
+constexpr PanelFn<W, X> BY_ROWS[ROWS + 1] = {
+    nullptr,         panel<W, X, 1>, panel<W, X, 2>, panel<W, X, 3>, panel<W, X, 4>, panel<W, X, 5>, panel<W, X, 6>, panel<W, X, 7>, panel<W, X, 8>, panel<W, X, 9>, panel<W, X, 10>, panel<W, X, 11>, panel<W, X, 12>, panel<W, X, 13>, panel<W, X, 14>, panel<W, X, 15>, panel<W, X, 16>};
 
 // One tensor handed to the op for a weight, and its version counter when last seen. Compiled graphs
 // may each hold their own alias of a weight (a fused q/k/v view made per graph, a parameter rebound by
@@ -260,14 +265,17 @@ at::Tensor panel_linear_impl(const char* name, const at::Tensor& x, const at::Te
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n = p * P, cols = std::min<int64_t>(P, N - n);
       const W* wt = wpp + p * per_panel;
-      for (int64_t m = 0; m < M; m += ROWS) {  // more than 8 rows: the panel is in L1/L2 by then
-        const int64_t r = std::min<int64_t>(ROWS, M - m);
 #if defined(ZY_DPBF16)
-        if constexpr (std::is_same_v<W, at::BFloat16>) {
+      if constexpr (std::is_same_v<W, at::BFloat16>) {
+        for (int64_t m = 0; m < M; m += PAIR_ROWS) {  // later sweeps find the panel in L1/L2
+          const int64_t r = std::min<int64_t>(PAIR_ROWS, M - m);
           PAIRS_BY_ROWS[r](xp + m * K, K, wt, K, bp ? bp + n : nullptr, yp + m * N + n, N, cols);
-          continue;
         }
+        continue;
+      }
 #endif
+      for (int64_t m = 0; m < M; m += ROWS) {  // more than 16 rows: the panel is in L1/L2 by then
+        const int64_t r = std::min<int64_t>(ROWS, M - m);
         BY_ROWS<W, X>[r](xp + m * K, K, wt, K, bp ? bp + n : nullptr, yp + m * N + n, N, cols);
       }
     }
