@@ -55,11 +55,23 @@ def test_prompts_prefilled_inside_decode_steps_keep_every_request_s_solo_tokens(
     assert all(len(r.token_times) == 10 for r in reqs)
 
 
-def test_a_mixed_step_matches_a_decode_step_and_a_prefill_chunk_run_apart(gen):
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def arch_gen(request, gen):
+    if request.param == "llama":
+        return gen
+    torch._dynamo.reset()
+    opt = zycompile.optimize(
+        f"tiny:{request.param}", "llama-tiny", overrides=[*FAST, "runtime.mixed_prefill_tokens=4"]
+    )
+    return opt.generator()
+
+
+def test_a_mixed_step_matches_a_decode_step_and_a_prefill_chunk_run_apart(arch_gen):
     """Logits of one mixed step (2 decode rows + a 3-token chunk padded to 4) against the same work as a
     decode step and a prefill chunk; the cache ends with the same K/V in the written slots."""
     from zycompile.runtime import mixed_step
 
+    gen = arch_gen
     cache = gen.cache
     cache.reset()
     gen.prefill([[3, 4, 5, 6], [9, 10]], [4, 2])  # rows 0-1 hold prompts of 4 and 2 tokens

@@ -94,10 +94,9 @@ class Generator:
                 self.mixed_tokens = 0
             else:
                 mixed_step.register()
-                if self.model.config._attn_implementation != mixed_step.ATTN_IMPLEMENTATION:
-                    self.model.set_attn_implementation(
-                        mixed_step.ATTN_IMPLEMENTATION
-                    )  # SDPA but for mixed steps
+                impl = mixed_step.ATTN_IMPLEMENTATION  # SDPA's function but in mixed steps
+                if self.model.config._attn_implementation != impl:
+                    self.model.set_attn_implementation(impl)
                 self.compiled_mixed = compile_cached_step(
                     self._mixed_step,
                     optimized.backend,

@@ -153,14 +153,18 @@ inline void panel_pairs(const at::BFloat16* x, int64_t ldx, const at::BFloat16* 
 }
 using PairFn = void (*)(const at::BFloat16*, int64_t, const at::BFloat16*, int64_t, const float*, at::BFloat16*,
                         int64_t, int64_t);
-constexpr PairFn PAIRS_BY_ROWS[PAIR_ROWS + 1] = {nullptr, panel_pairs<1>, panel_pairs<2>, panel_pairs<3>, panel_pairs<4>, panel_pairs<5>, panel_pairs<6>, panel_pairs<7>, panel_pairs<8>};
+constexpr PairFn PAIRS_BY_ROWS[PAIR_ROWS + 1] = {nullptr,        panel_pairs<1>, panel_pairs<2>,
+                                                 panel_pairs<3>, panel_pairs<4>, panel_pairs<5>,
+                                                 panel_pairs<6>, panel_pairs<7>, panel_pairs<8>};
 #endif
 
 template <typename W, typename X>
 using PanelFn = void (*)(const X*, int64_t, const W*, int64_t, const float*, X*, int64_t, int64_t);
 template <typename W, typename X>
 constexpr PanelFn<W, X> BY_ROWS[ROWS + 1] = {
-    nullptr,         panel<W, X, 1>, panel<W, X, 2>, panel<W, X, 3>, panel<W, X, 4>, panel<W, X, 5>, panel<W, X, 6>, panel<W, X, 7>, panel<W, X, 8>, panel<W, X, 9>, panel<W, X, 10>, panel<W, X, 11>, panel<W, X, 12>, panel<W, X, 13>, panel<W, X, 14>, panel<W, X, 15>, panel<W, X, 16>};
+    nullptr,          panel<W, X, 1>,  panel<W, X, 2>,  panel<W, X, 3>,  panel<W, X, 4>,  panel<W, X, 5>,
+    panel<W, X, 6>,   panel<W, X, 7>,  panel<W, X, 8>,  panel<W, X, 9>,  panel<W, X, 10>, panel<W, X, 11>,
+    panel<W, X, 12>,  panel<W, X, 13>, panel<W, X, 14>, panel<W, X, 15>, panel<W, X, 16>};
 
 // One tensor handed to the op for a weight, and its version counter when last seen. Compiled graphs
 // may each hold their own alias of a weight (a fused q/k/v view made per graph, a parameter rebound by
