@@ -15,6 +15,8 @@ timeout 400 python bench/graphs_gpu.py 2>&1 | tail -15 | tee "$OUT/graphs_gpu.tx
 timeout 500 python bench/gemm_tuning.py --device cuda --repeats 3 --set model.dtype=bfloat16 \
   --set "model.source=tiny:llama?hidden_size=2048&intermediate_size=5632&num_hidden_layers=22&num_attention_heads=32&num_key_value_heads=4&head_dim=64&vocab_size=32000" \
   2>&1 | tail -25 | tee "$OUT/gemm_tuning_gpu.txt"
+# engine at c=8 with and without mixed steps (prompt chunks inside decode steps), 1B-class bf16
+timeout 400 python bench/mixed_steps.py --chunks 64 2>&1 | tail -12 | tee "$OUT/mixed_steps_gpu.txt"
 # GPU-sensitive tests (each module skips what needs a missing package)
 timeout 600 python -m pytest -q -x tests/ops -p no:cacheprovider 2>&1 | tail -20 | tee "$OUT/tests_ops.txt"
 diff bench/RESULTS.md "$OUT/RESULTS.before.md" > "$OUT/RESULTS.added.diff"
