@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from graphs_gpu import ONE_B, SMALL  # the same 1B-class and smoke-test configs (bench/ is on sys.path)
 
 import zycompile
 from zycompile.bench.machine import machine_line
@@ -30,8 +31,6 @@ from zycompile.runtime.engine import Engine
 from zycompile.runtime.sampling import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-ONE_B = "tiny:llama?hidden_size=2048&intermediate_size=5632&num_hidden_layers=22&num_attention_heads=32&num_key_value_heads=4&head_dim=64&vocab_size=32000"
-SMALL = "tiny:llama?hidden_size=256&intermediate_size=512&num_hidden_layers=2"
 
 
 def recipe(source: str, dtype: str, backend: str, mixed: int) -> dict:

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import FAST, PROMPTS  # the engine tests' recipe and prompts (tests/runtime on sys.path)
 
 import zycompile
 from zycompile.runtime.engine import Engine
 from zycompile.runtime.sampling import SamplingParams
-
-FAST = ["lowering.backend=aot_eager", "runtime.prefill_buckets=[8, 16]", "runtime.max_seq_len=96"]
-PROMPTS = [
-    [5, 17, 33, 2, 9],
-    [7, 8],
-    list(range(40, 80)),
-    [100] * 3,
-    list(range(200, 230)),
-    [1, 2, 3, 4, 5, 6, 7],
-]
 
 
 @pytest.fixture(scope="module")
