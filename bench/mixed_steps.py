@@ -3,7 +3,8 @@ aggregate tok/s, TTFT, and how many requests got the same greedy tokens as witho
 
 A 1B-class bf16 random Llama on the GPU (where a batch-8 decode step leaves the FMA units idle while
 it streams weights, the case mixed steps are for); synthetic prompts of 64-512 tokens, all sent at
-once. On the 2-core EPYC, SmolLM2 fp32 lost 30% with mixed steps (RESULTS.md 2026-11-29 17:1x).
+once. On the 2-core EPYC, SmolLM2 fp32 lost 30% with mixed steps (RESULTS.md, notes of 2026-11-29
+16:4x-17:4x).
 Appends a table to bench/RESULTS.md with the card's name. Greedy tokens are compared, not asserted: a
 GPU GEMM may pick another kernel for M = 8 + chunk rows than for 8, and a random model's near-tied
 logits then flip (on CPU the kernels give each row the same bits at any M; the engine tests assert it).

@@ -7,7 +7,7 @@ does not: a batch-8 fp32 decode step already runs its GEMMs near the FMA peak, s
 about as much inside a decode step (~1.56 ms) as in a 256-token chunk of its own (~1.55 ms), and
 prompts fed 8 tokens a step hold their slots longer. The 64-prompt c=8 bench measured 115.7 and
 107.3 tok/s with ``runtime.mixed_prefill_tokens: 8`` against 153.8 and 162.4 without (bench/RESULTS.md
-2026-11-29 17:1x). Off by default; opt in where ``zycompile bench`` says it pays.
+notes of 2026-11-29 16:4x-17:4x). Off by default; opt in where ``zycompile bench`` says it pays.
 
 The tokens are laid out flat, ``[1, B + C]``: the B decode tokens (row b's at its next position,
 idle rows at an ignored one, as in a decode step) then the chunk's C tokens of cache row ``s``

@@ -48,8 +48,8 @@ constexpr int64_t AHEAD = 16;    // k-steps prefetched ahead (P floats each): ~2
 // panel again from L2 after the first streamed it from memory, so its FMAs run with the memory idle;
 // in one sweep they run while the stream is in flight. SmolLM2's decode GEMMs in model order, weights
 // cold, this kernel against the 8-row one built beside it and alternated (2-core EPYC, RESULTS.md
-// 2026-11-29 17:1x): M = 12 / 16 in 21.6 / 24.5 ms against 28.8 / 29.3, M = 1 / 8 / 32-256 unchanged
-// to 4% faster. The bf16 pair kernel keeps 8 rows a sweep (it is compute-bound by M = 8 already).
+// notes of 2026-11-29 16:4x-17:4x): M = 12 / 16 in 21.6 / 24.5 ms against 28.8 / 29.3, M = 1 / 8 /
+// 32-256 unchanged to 4% faster. The bf16 pair kernel keeps 8 rows a sweep (it is compute-bound by M = 8 already).
 constexpr int64_t ROWS = 16;
 constexpr int64_t PAIR_ROWS = 8;
 
