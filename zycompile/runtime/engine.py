@@ -171,8 +171,7 @@ class Engine:
         return self.worker.job[0] if self.worker is not None and self.worker.busy else None
 
     def _start_background(self, req: Request) -> None:
-        if req.prefilled == 0 and self.prefix is not None:
-            req.prefilled = req.cached = self.prefix.load(req.prompt, req.slot)  # leaves >= 1 token to run
+        self._load_prefix(req)
         self.worker.submit(req)
         self.overlapped += 1
 
@@ -207,9 +206,13 @@ class Engine:
             self.running[free] = req
             self.moves += 1
 
-    def _prefill_chunk(self, req: Request) -> None:
+    def _load_prefix(self, req: Request) -> None:
+        """Before a prompt's first chunk: copy the prefix cache's blocks of its opening into its slot."""
         if req.prefilled == 0 and self.prefix is not None:
-            req.prefilled = req.cached = self.prefix.load(req.prompt, req.slot)
+            req.prefilled = req.cached = self.prefix.load(req.prompt, req.slot)  # leaves >= 1 token to run
+
+    def _prefill_chunk(self, req: Request) -> None:
+        self._load_prefix(req)
         chunk = self.gen.prefill_buckets[-1]
         left = len(req.prompt) - req.prefilled
         if self.gen.dynamic_prefill and self.gen.speculator is None and not self._decoding():
@@ -248,8 +251,7 @@ class Engine:
 
     def _mixed(self, reqs: list[Request], req: Request) -> None:
         """One mixed step: decode ``reqs`` and run the next chunk of ``req``'s prompt in the same forward."""
-        if req.prefilled == 0 and self.prefix is not None:
-            req.prefilled = req.cached = self.prefix.load(req.prompt, req.slot)
+        self._load_prefix(req)
         bsz = bucket_for(max(self.running) + 1, self.gen.batch_buckets)
         ids, pos = self._decode_inputs(reqs, bsz)
         width = self.gen.mixed_tokens

@@ -150,8 +150,7 @@ class Generator:
         """A mixed step (``mixed_step.inputs``): logits [B + 1, V] after each decode token and the chunk's last."""
         cache = self.cache
         cache.set_mixed_step(pos, rows)
-        b = chunk_visible.shape[0]
-        layout = mixed_step.layout_for(cache.key_positions, pos, b, chunk_visible, chunk_row)
+        layout = mixed_step.layout_for(cache.key_positions, pos, chunk_visible, chunk_row)
         kwargs = {self.cache_kw: cache, "position_ids": pos, "use_cache": True, "zy_mixed": layout}
         hidden = self.decoder(
             input_ids=input_ids, attention_mask=layout.decode_mask, **kwargs
@@ -163,14 +162,8 @@ class Generator:
         args = {k: t.to(self.device) for k, t in args.items()}
         b = args["chunk_visible"].shape[0]
         key = ("mixed", b, self.mixed_tokens, torch.get_num_threads())
-        first = key not in self.seen_shapes
-        if first:
-            self.seen_shapes.add(key)
-            if self.on_compile:
-                verb = compile_verb(self.compiled_mixed, *args.values())
-                self.on_compile(f"{verb} mixed graph for batch {b} + {self.mixed_tokens} prompt tokens")
-        with torch.no_grad(), self.gate.exclusive() if first else self.gate.shared():
-            return self.compiled_mixed(*args.values())
+        what = f"mixed graph for batch {b} + {self.mixed_tokens} prompt tokens"
+        return self._run(self.compiled_mixed, key, what, *args.values())
 
     def step_key(self, batch: int, tokens: int, whole_rows: bool = True) -> tuple:
         """The key of ``step``'s graph for these shapes (in ``seen_shapes`` once it is compiled): batch,
@@ -190,17 +183,22 @@ class Generator:
         """Logits after token ``last[b]`` of each row; ``rows`` picks cache rows (default 0..B-1), ``keys``
         the slots attended over (``prefill_keys``; default all)."""
         key = self.step_key(input_ids.shape[0], input_ids.shape[1], rows is None)
+        kind = "decode" if key[1] == 1 else "prefill"
+        width = "" if key[3] == self.threads else f", {key[3]} thread{'s' * (key[3] > 1)}"
+        what = f"{kind} graph for batch {key[0]} x {key[1]} tokens{width}"
+        return self._run(self.compiled_step, key, what, input_ids, pos, last, rows, keys)
+
+    def _run(self, compiled: Callable, key: tuple, what: str, *args: Any) -> torch.Tensor:
+        """Call a compiled step; the first call of a graph ``key`` is announced (``on_compile``: "compiling
+        <what>" or "loading saved <what>") and runs alone: it may compile, and the engine's prefill worker
+        runs steps on another thread."""
         first = key not in self.seen_shapes
         if first:
             self.seen_shapes.add(key)
             if self.on_compile:
-                kind = "decode" if key[1] == 1 else "prefill"
-                verb = compile_verb(self.compiled_step, input_ids, pos, last, rows, keys)
-                width = "" if key[3] == self.threads else f", {key[3]} thread{'s' * (key[3] > 1)}"
-                self.on_compile(f"{verb} {kind} graph for batch {key[0]} x {key[1]} tokens{width}")
-        # a first call may compile: alone (the engine's prefill worker runs steps on another thread)
+                self.on_compile(f"{compile_verb(compiled, *args)} {what}")
         with torch.no_grad(), self.gate.exclusive() if first else self.gate.shared():
-            return self.compiled_step(input_ids, pos, last, rows, keys)
+            return compiled(*args)
 
     # ---- inputs --------------------------------------------------------------------------------
 

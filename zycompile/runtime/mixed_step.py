@@ -86,15 +86,11 @@ def why_not(gen) -> str | None:
 
 
 def layout_for(
-    keys: torch.Tensor,
-    pos: torch.Tensor,
-    decode_rows: int,
-    chunk_visible: torch.Tensor,
-    chunk_row: torch.Tensor,
+    keys: torch.Tensor, pos: torch.Tensor, chunk_visible: torch.Tensor, chunk_row: torch.Tensor
 ) -> MixedLayout:
     """The step's layout from its inputs: ``pos`` [1, B + C] (decode tokens first), ``chunk_visible``
     [B, C] (the position each chunk query attends up to, in its row; -1: none)."""
-    b = decode_rows
+    b = chunk_visible.shape[0]
     return MixedLayout(
         decode_rows=b,
         decode_mask=position_mask(keys, pos[0, :b, None]),
