@@ -74,6 +74,7 @@ def cmd_bench(args) -> int:
     from zycompile.bench.workload import build_workload
     from zycompile.errors import ZyError
     from zycompile.models import load_model
+    from zycompile.ops import cpu_kernels
     from zycompile.runtime.metrics import (
         kv_bytes_per_token,
         measure_matmul_peak,
@@ -176,9 +177,17 @@ def cmd_bench(args) -> int:
     bandwidth = max(bandwidth, measure_read_bandwidth.__wrapped__(gen.device.type))
     if peak:
         peak = max(peak, measure_matmul_peak.__wrapped__(gen.device.type, gen.dtype))
+    # zycompile's decode GEMMs may stream coded copies of the weights (panel_codes.h): its bytes are those
+    streamed = (
+        weight_bytes_per_token(opt.model, cpu_kernels.coded_bytes) if cpu_kernels.codes_in_use() else wbytes
+    )
     for system, by_c in results.items():
         for c, m in by_c.items():
-            m["mbu"] = (wbytes + c * kv) * (m["output_throughput"] / c) / bandwidth
+            m["mbu"] = (
+                ((streamed if system == "zycompile" else wbytes) + c * kv)
+                * (m["output_throughput"] / c)
+                / bandwidth
+            )
             if c == 1 and peak:
                 m["prefill_mfu"] = metrics.prefill_mfu(timings[system][c], flops, peak)
 

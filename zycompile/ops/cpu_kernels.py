@@ -9,6 +9,7 @@ Inductor's C++ kernels are. Each user of a kernel has its own fallback when the 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -39,6 +40,8 @@ def build() -> str | None:
             break
     if why is None:
         _register_fakes()
+        if os.environ.get("ZYCOMPILE_WEIGHT_CODES", "1") == "0":  # keep fp32 copies (an A/B, a bug hunt)
+            torch.ops.zycompile_cpu.panel_codes.default(False)
     return why
 
 
@@ -70,6 +73,21 @@ SMALL_GEMM_OPS = ("small_linear", "panel_linear")
 SMALL_GEMM_DTYPES = {"small_linear": (torch.float32,), "panel_linear": (torch.float32, torch.bfloat16)}
 # The op each ``small_gemm`` ``kernel`` option writes (``reduction``: none, Inductor's reductions).
 SMALL_GEMM_KERNEL_OPS = {"auto": "panel_linear", "rows": "small_linear"}
+
+
+def coded_bytes(w: torch.Tensor) -> int | None:
+    """Bytes of the coded copy ``panel_linear`` keeps of fp32 weight ``w`` (csrc/panel_codes.h: its
+    values are GGUF block codes), or None where it keeps the fp32 copy (other values, codes switched
+    off, not AVX-512, no kernels). What a decode step streams, for MBU."""
+    if w.dim() != 2 or w.dtype != torch.float32 or w.device.type != "cpu" or build() is not None:
+        return None
+    with torch.no_grad():
+        return torch.ops.zycompile_cpu.panel_coded_bytes.default(w.detach()) or None
+
+
+def codes_in_use() -> bool:
+    """Whether ``panel_linear`` has made a coded copy in this process (a model's graphs stream codes)."""
+    return build() is None and torch.ops.zycompile_cpu.panel_cache_coded.default() > 0
 
 
 @functools.cache  # once per process: a rebuild after ``build.cache_clear`` must not register again

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from zycompile.errors import GenerationError
-from zycompile.ops import cpu_decode_attention
+from zycompile.ops import cpu_decode_attention, cpu_kernels
 from zycompile.ops.attention import position_mask
 from zycompile.runtime import mixed_step
 from zycompile.runtime.compile_gate import CompileGate
@@ -307,7 +307,10 @@ class Generator:
     def decode_mbu(self, steps_per_s: float, context_len: float, batch: int = 1) -> float:
         if self.bandwidth is None:  # measured once; the weights' byte count is fixed after optimize()
             self.bandwidth = measure_read_bandwidth(str(self.device.type))
-            self.weight_bytes = weight_bytes_per_token(self.model)
+            stored = (
+                cpu_kernels.coded_bytes if self.device.type == "cpu" and cpu_kernels.codes_in_use() else None
+            )
+            self.weight_bytes = weight_bytes_per_token(self.model, stored)  # coded copies stream fewer
         per_step = self.weight_bytes + batch * kv_bytes_per_token(self.model.config, context_len, self.dtype)
         return mbu(per_step, steps_per_s, self.bandwidth)
 

@@ -8,9 +8,11 @@ import time
 import torch
 
 
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
+def weight_bytes_per_token(model: torch.nn.Module, stored=None) -> int:
     """Bytes of weights one decode step reads: every parameter once, except input embeddings
-    (one row per token) unless they are tied to the LM head (then the head reads them all)."""
+    (one row per token) unless they are tied to the LM head (then the head reads them all).
+    ``stored(p)``: the bytes the kernels keep of ``p`` instead, where they keep a smaller copy
+    (``cpu_kernels.coded_bytes``), else None."""
     emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
@@ -25,7 +27,8 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
         seen.add(key)
         if emb is not None and p.data_ptr() == emb_ptr and not tied:
             continue
-        total += p.numel() * p.element_size()
+        kept = stored(p) if stored is not None else None
+        total += kept if kept is not None else p.numel() * p.element_size()
     return total
 
 
