@@ -210,7 +210,8 @@ class TunedGemmPass(GraphPass):
         if panel:
             notes.append(
                 f"panel-packed weight copies: {sum(panel.values()) / 1e6:.1f} MB (made on the first call; "
-                "one per weight, shared with small_gemm's)"
+                "one per weight, shared with small_gemm's; fp32 weights that are GGUF block codes keep codes, "
+                "a fifth to a third of that)"
             )
         if missing:
             notes.append("not in database: " + "; ".join(sorted(missing)[:8]))
