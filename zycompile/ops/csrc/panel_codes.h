@@ -37,10 +37,9 @@ constexpr int64_t KB = 32;  // codes per block along K, GGUF's block size
 inline bool same_bits(float a, float b) { return std::memcmp(&a, &b, sizeof(float)) == 0; }
 
 // d * q + m with the product rounded before the sum, as numpy's dequantization (and the kernel) does
-// it: the empty asm keeps -ffp-contract from fusing them into one FMA (one rounding: other bits).
+// it: the volatile keeps -ffp-contract from fusing them into one FMA (one rounding: other bits).
 inline float affine(float d, float q, float m) {
-  float t = d * q;
-  asm("" : "+x"(t));
+  volatile float t = d * q;
   return t + m;
 }
 
