@@ -4,9 +4,9 @@ fp32 copy's, bit for bit. Any other weight keeps the fp32 copy."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from gguf_codes import q4_1, q8_0  # tests/ is on sys.path (its conftest)
 
 from zycompile.ops import cpu_kernels
 
@@ -17,21 +17,6 @@ pytestmark = [
     ),
 ]
 ops = torch.ops.zycompile_cpu
-
-
-def q4_1(n: int, k: int, seed: int = 0) -> torch.Tensor:
-    """Random weights through ggml's Q4_1 quantizer and gguf-py's dequantization ((d * q) + m in fp32)."""
-    x = np.random.default_rng(seed).normal(0, 0.05, (n, k // 32, 32)).astype(np.float32)
-    lo, hi = x.min(-1, keepdims=True), x.max(-1, keepdims=True)
-    q = np.minimum(15, ((x - lo) / ((hi - lo) / 15) + 0.5).astype(np.int32)).astype(np.float32)
-    d16 = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
-    return torch.from_numpy(((d16 * q) + lo.astype(np.float16).astype(np.float32)).reshape(n, k))
-
-
-def q8_0(n: int, k: int, seed: int = 0) -> torch.Tensor:
-    x = np.random.default_rng(seed).normal(0, 0.05, (n, k // 32, 32)).astype(np.float32)
-    d = np.abs(x).max(-1, keepdims=True) / 127
-    return torch.from_numpy((d.astype(np.float16).astype(np.float32) * np.round(x / d)).reshape(n, k))
 
 
 def both(x, w, b=None):

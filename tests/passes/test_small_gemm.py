@@ -167,6 +167,25 @@ def test_weights_marked_for_half_copies_take_the_fp16_panel_kernel():
     assert not half_linear.wants_half(lin.weight)
 
 
+def test_marked_weights_that_are_block_codes_keep_the_coded_copy():
+    """A marked weight whose values are GGUF block codes (the EAGLE drafter's rows of a Q8_0 LM head)
+    keeps panel_linear: its coded copy is smaller than fp16 and exact."""
+    from gguf_codes import q8_0
+
+    from zycompile.ops import cpu_kernels, half_linear
+
+    if cpu_kernels.build() is not None or torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the coded kernels need the C++ kernels on an AVX-512 CPU")
+    lin, gm, x = _linear_graph()
+    with torch.no_grad():
+        lin.weight.copy_(q8_0(48, 64))
+    half_linear.mark([lin.weight])
+    _run_pass(gm)
+    assert torch.ops.zycompile_cpu.panel_linear.default in _targets(gm)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_linears_take_the_panel_kernel_and_the_row_kernel_leaves_them_to_reductions():
     """A bf16 model's decode GEMMs stream a bf16 panel copy (half fp32's bytes); the row-major kernel is
     fp32 only, so with ``kernel: rows`` they get Inductor's reductions."""

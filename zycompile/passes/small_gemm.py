@@ -90,7 +90,12 @@ class SmallGemmPass(GraphPass):
                 notes.append(f"{node.name}: weight is not row-major [N, K] (K-major layout?); kept as GEMM")
                 continue
             real_w = real.get(arg(node, 1, "weight"))
-            if kernel == "panel_linear" and real_w is not None and half_linear.wants_half(real_w):
+            if (
+                kernel == "panel_linear"
+                and real_w is not None
+                and half_linear.wants_half(real_w)
+                and cpu_kernels.coded_bytes(real_w) is None  # codes: fewer bytes than fp16, and exact
+            ):
                 kernel = "panel_linear_f16"  # a draft head's weights: half the bytes, fp32 math
             self._rewrite(gm, node, m, kernel)
             copies += _panel_bytes(w, kernel)
