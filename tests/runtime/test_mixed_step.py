@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import FAST, PROMPTS  # the engine tests' recipe and prompts (tests/runtime on sys.path)
+from test_engine import (  # the engine tests' recipe, prompts and params (tests/runtime on sys.path)
+    FAST,
+    PROMPTS,
+    _params,
+)
 
 import zycompile
 from zycompile.runtime.engine import Engine
-from zycompile.runtime.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +19,6 @@ def gen():
     torch._dynamo.reset()
     opt = zycompile.optimize("tiny:llama", "llama-tiny", overrides=[*FAST, "runtime.mixed_prefill_tokens=4"])
     return opt.generator()
-
-
-def _params(n=10):
-    return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
 def test_prompts_prefilled_inside_decode_steps_keep_every_request_s_solo_tokens(gen):

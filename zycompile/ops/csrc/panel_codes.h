@@ -95,9 +95,9 @@ inline bool fit_scale8(const float* v, int64_t s, float& d, int8_t* q) {
   return false;
 }
 
-inline int64_t step_bytes(Format f, int64_t P) { return f == kAffine4 ? P / 2 : P; }
-inline int64_t head_bytes(Format f, int64_t P) { return (f == kAffine4 ? 2 : 1) * P * 4; }
-inline int64_t block_bytes(Format f, int64_t P) { return head_bytes(f, P) + KB * step_bytes(f, P); }
+constexpr int64_t step_bytes(Format f, int64_t P) { return f == kAffine4 ? P / 2 : P; }
+constexpr int64_t head_bytes(Format f, int64_t P) { return (f == kAffine4 ? 2 : 1) * P * 4; }
+constexpr int64_t block_bytes(Format f, int64_t P) { return head_bytes(f, P) + KB * step_bytes(f, P); }
 
 // The coded copy of w [N, K] fp32 in format f, or an undefined tensor if some block does not fit.
 inline at::Tensor encode(const at::Tensor& w, Format f, int64_t P) {
@@ -153,8 +153,7 @@ inline void weights(const uint8_t* c, const __m512* d, const __m512* m, __m512& 
 // Calls f(k, w0, w1) for every k-step of one coded panel (P = 32), in k order.
 template <Format F, class Fn>
 inline void for_each_step(const uint8_t* wp, int64_t K, Fn&& f) {
-  constexpr int64_t P = 32, step = F == kAffine4 ? P / 2 : P, head = (F == kAffine4 ? 2 : 1) * P * 4;
-  constexpr int64_t blk = head + KB * step;
+  constexpr int64_t P = 32, step = step_bytes(F, P), head = head_bytes(F, P), blk = block_bytes(F, P);
   for (int64_t kb = 0; kb < K / KB; ++kb) {
     const uint8_t* b = wp + kb * blk;
     const float* dm = reinterpret_cast<const float*>(b);
